@@ -1,0 +1,36 @@
+"""daq_core: the framework-free numerics of Distance-aware Quantization (DAQ, ICCV 2021).
+
+No torch.ao or Brevitas imports live here; ``daq_fx`` and ``daq_brevitas`` are thin
+adapters over these functions.
+"""
+
+from .checks import MAX_BITS, MAX_INT8_WEIGHT_BITS, MIN_BITS, check_bits, check_bounds, check_floating, check_positive
+from .dasr import (
+    DEFAULT_ACT_SIGMA,
+    DEFAULT_GAMMA,
+    DEFAULT_WEIGHT_SIGMA,
+    assignment_offset,
+    dasr,
+    dasr_gradient,
+    dasr_gradient_constant,
+    soft_assignment,
+)
+from .quantizers import (
+    activation_integers,
+    compiled_kernels_enabled,
+    daq_fake_quantize,
+    fake_quantize_activation,
+    fake_quantize_weight,
+    init_activation_bounds,
+    init_weight_scale,
+    integer_aligned_lower_bound,
+    normalize,
+    num_levels,
+    standardize,
+    use_compiled_kernels,
+    weight_integers,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [name for name in dir() if not name.startswith("_")]
