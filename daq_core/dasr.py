@@ -21,6 +21,10 @@ with ``s_n = exp(-delta)``, ``s_f = exp(-(1 - delta) - 1/sigma^2)`` and
 ``(1 + r) / (1 - r) = coth((1 + 1/sigma^2 - 2 delta) / 2)``, which is what
 :func:`dasr_gradient` evaluates: one ``tanh`` per element, finite everywhere
 (the argument is ``>= 1/(2 sigma^2) > 0``, also at transitions ``k + 0.5``).
+
+At an exact tie ``t = k + 0.5`` Eq. 11 picks ``q_f``; :func:`dasr` returns
+``torch.round(t)`` (half to even) there, as required for bit-exact agreement with
+integer backends. The two differ only on that measure-zero set.
 """
 
 from __future__ import annotations
@@ -148,11 +152,12 @@ def soft_assignment(t: torch.Tensor, gamma: float = DEFAULT_GAMMA, sigma: float 
                     beta: float | None = None, rescale: bool = False) -> torch.Tensor:
     """The soft expression of DASR, written out term by term (Eqs. 4-8, and 10 if ``rescale``).
 
-    This is the *reference* formulation, differentiated by autograd: slow, and at
-    the adaptive temperature it divides by ``|s_f - s_c| = 0`` at transition
-    points ``k + 0.5`` (inf/NaN there). Use :func:`dasr` for training; this
-    function exists to check it and to reproduce the paper's fixed-temperature
-    ablation (pass ``beta``).
+    This is the *reference* formulation, differentiated by autograd: many
+    element-wise ops and several saved tensors per call, and at exact ties Eq. 11
+    rounds half down (``x <= q_t -> q_f``) where :func:`dasr` follows
+    ``torch.round`` (half to even). Use :func:`dasr` for training; this function
+    exists to check it and to reproduce the paper's fixed-temperature ablation
+    (pass ``beta``).
 
     Args:
         t: normalised input.
