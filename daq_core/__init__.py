@@ -34,3 +34,7 @@ from .quantizers import (
 __version__ = "0.1.0"
 
 __all__ = [name for name in dir() if not name.startswith("_")]
+
+from .n2uq import n2uq_activation, n2uq_init_widths, n2uq_thresholds, n2uq_weight, n2uq_weight_alpha  # noqa: E402
+
+__all__ += ["n2uq_activation", "n2uq_init_widths", "n2uq_thresholds", "n2uq_weight", "n2uq_weight_alpha"]

@@ -1,0 +1,148 @@
+"""N2UQ (Nonuniform-to-Uniform Quantization, CVPR 2022): learnable input thresholds, uniform outputs.
+
+A comparison quantizer beside DAQ (DAQ-SPEC §8). Notation:
+
+* ``n = 2^b - 1`` segments between ``n + 1`` learned boundaries
+  ``d_0 = s``, ``d_i = s + sum_{j<=i} a_j`` with positive widths ``a_j`` (init ``2/n``);
+* the *non-uniform normalisation* ``g(x)``: piecewise linear, 0 below ``d_0``, ``n`` above
+  ``d_n`` and ``i - 1 + (x - d_{i-1}) / a_i`` in segment ``i``;
+* forward: ``y = scale * (2/n) * round(g(x))`` - i.e. counting the segment midpoints
+  ``(d_{i-1} + d_i)/2`` that ``x`` exceeds - so the *output* levels are uniform,
+  ``scale * (2/n) * k``, ``k = 0..n``, while the input thresholds are not;
+* backward (generalised STE): the derivative of ``scale * (2/n) * g(x)``, i.e.
+  ``scale * (2/n) / a_i`` inside segment ``i`` and 0 outside ``[d_0, d_n]``; the
+  boundaries ``s`` and ``a`` receive the gradient of ``g`` with respect to them.
+
+The weight quantizer is per-channel with ``alpha = (n / 2^(b-1)) mean|W|`` (a constant),
+the ``2^b`` symmetric levels ``alpha (2k - n)/n`` without zero, and a clipped STE.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .checks import check_bits, check_floating
+
+__all__ = ["n2uq_thresholds", "n2uq_activation", "n2uq_weight", "n2uq_init_widths", "n2uq_weight_alpha"]
+
+
+def n2uq_init_widths(bits: int, dtype=torch.float32) -> torch.Tensor:
+    """Initial segment widths ``a_j = 2/n`` (boundaries spanning ``[s, s + 2]``)."""
+    n = (1 << check_bits(bits)) - 1
+    return torch.full((n,), 2.0 / n, dtype=dtype)
+
+
+def _positive(widths: torch.Tensor) -> torch.Tensor:
+    # widths are kept positive by a floor; the floor is straight-through for the gradient sign
+    return widths.clamp_min(1e-6)
+
+
+def n2uq_thresholds(start: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """Input thresholds: the segment midpoints ``(d_{i-1} + d_i)/2``, ``i = 1..n`` (monotone)."""
+    a = _positive(widths)
+    bounds = start + torch.cat([a.new_zeros(1), torch.cumsum(a, 0)])
+    return 0.5 * (bounds[:-1] + bounds[1:])
+
+
+def _segments(x: torch.Tensor, start: torch.Tensor, widths: torch.Tensor):
+    """Locate ``x`` among the boundaries ``d_0..d_n``; return the pieces of ``g(x)``."""
+    a = _positive(widths)
+    n = a.numel()
+    bounds = start.reshape(1) + torch.cat([a.new_zeros(1), torch.cumsum(a, 0)])   # d_0..d_n
+    seg = torch.bucketize(x.detach(), bounds.detach(), right=True)  # 0 below d_0, i in segment i, n+1 above d_n
+    inside = (seg >= 1) & (seg <= n)
+    idx = (seg - 1).clamp(0, n - 1)
+    a_i, d_prev = a[idx], bounds[idx]
+    g = torch.where(inside, idx.to(x.dtype) + (x - d_prev) / a_i, (seg > n).to(x.dtype) * n)
+    return n, inside, idx, a_i, d_prev, g
+
+
+class _N2UQActivation(torch.autograd.Function):
+    """Forward ``scale (2/n) round(g(x))``; backward the G-STE (derivative of ``scale (2/n) g``)."""
+
+    @staticmethod
+    def forward(ctx, x, start, widths, scale):
+        n, _, _, _, _, g = _segments(x, start, widths)
+        ctx.save_for_backward(x, start, widths, scale)
+        return scale * (2.0 / n) * torch.round(g)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, start, widths, scale = ctx.saved_tensors
+        n, inside, idx, a_i, d_prev, g = _segments(x, start, widths)
+        unit = 2.0 / n
+        zero = torch.zeros_like(grad_y)
+        g_x = torch.where(inside, grad_y * scale * unit / a_i, zero)          # dy/dx = scale (2/n) / a_i (G-STE)
+        # g = i - 1 + (x - d_{i-1}) / a_i:  dg/ds = -1/a_i,  dg/da_j = -1/a_i (j < i),  dg/da_i = -(x - d_{i-1})/a_i^2
+        grad_start = (-g_x).sum().reshape(start.shape)
+        per_segment = zero.new_zeros(n).index_add_(0, idx.flatten(), (-g_x).flatten())
+        own = zero.new_zeros(n).index_add_(0, idx.flatten(), torch.where(inside, -g_x * (x - d_prev) / a_i, zero).flatten())
+        later = torch.flip(torch.cumsum(torch.flip(per_segment, [0]), 0), [0]) - per_segment   # sum over segments i > j
+        grad_widths = (own + later) * (widths >= 1e-6).to(grad_y.dtype)
+        grad_scale = (grad_y * unit * torch.round(g)).sum().reshape(scale.shape)
+        return g_x, grad_start, grad_widths, grad_scale
+
+
+def n2uq_activation(x: torch.Tensor, start: torch.Tensor, widths: torch.Tensor, scale,
+                    bits: Optional[int] = None) -> torch.Tensor:
+    """N2UQ activation quantizer (see module docstring).
+
+    Args:
+        x: floating input.
+        start: ``s = d_0``, a scalar tensor.
+        widths: the ``n = 2^b - 1`` positive segment widths ``a_j`` (floored at 1e-6).
+        scale: output scale; levels are ``scale * (2/n) * k``.
+        bits: optional; checked against ``widths.numel()``.
+
+    Returns:
+        Tensor like ``x`` on the uniform output grid.
+    """
+    check_floating(x, "x")
+    check_floating(widths, "widths")
+    n = widths.numel()
+    if n < 1 or (n + 1) & n:
+        raise ValueError(f"widths must hold 2^b - 1 segment widths, got {n}")
+    if bits is not None and (1 << check_bits(bits)) - 1 != n:
+        raise ValueError(f"bits={bits} needs {(1 << bits) - 1} widths, got {n}")
+    if not isinstance(start, torch.Tensor):
+        start = torch.tensor(float(start), dtype=x.dtype, device=x.device)
+    if not isinstance(scale, torch.Tensor):
+        scale = torch.tensor(float(scale), dtype=x.dtype, device=x.device)
+    if start.numel() != 1 or scale.numel() != 1:
+        raise ValueError("start and scale must be single values (N2UQ activations are per-tensor)")
+    return _N2UQActivation.apply(x, start, widths, scale)
+
+
+def n2uq_weight_alpha(w: torch.Tensor, bits: int, ch_axis: Optional[int] = 0) -> torch.Tensor:
+    """``alpha = (n / 2^(b-1)) mean|W|`` per output channel (or per tensor), a constant."""
+    n = (1 << check_bits(bits)) - 1
+    with torch.no_grad():
+        if ch_axis is None or w.dim() < 2:
+            m = w.abs().mean()
+        else:
+            dims = [d for d in range(w.dim()) if d != ch_axis % w.dim()]
+            m = w.abs().mean(dim=dims, keepdim=True)
+        return (n / 2 ** (bits - 1)) * m.clamp_min(1e-12)
+
+
+class _ClippedSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, alpha, n: int):
+        u = ((w / alpha + 1.0) * (n / 2.0)).clamp(0, n)
+        ctx.save_for_backward(w, alpha)
+        return alpha * (2.0 * torch.round(u) - n) / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, alpha = ctx.saved_tensors
+        return torch.where(w.abs() <= alpha, grad, torch.zeros_like(grad)), None, None
+
+
+def n2uq_weight(w: torch.Tensor, bits: int, ch_axis: Optional[int] = 0) -> torch.Tensor:
+    """N2UQ weight quantizer: ``alpha (2k - n)/n`` with ``k = round((w/alpha + 1) n/2)``, clipped STE."""
+    check_floating(w, "w")
+    n = (1 << check_bits(bits)) - 1
+    alpha = n2uq_weight_alpha(w, bits, ch_axis)
+    return _ClippedSTE.apply(w, alpha, n)
