@@ -1,0 +1,351 @@
+"""Brevitas core modules for DAQ: one small module per responsibility.
+
+A DAQ ``tensor_quant`` composes, like Brevitas's ``RescalingIntQuant``:
+
+* ``scaling_impl``: the learned quantization state — bounds ``l, u`` of Eq. 1 (and for
+  weights the output scale ``s`` of Eq. 3), initialised on the first real batch
+  (DAQ-SPEC §3-5);
+* ``int_quant``: normalisation + DASR rounding (Eqs. 1, 4-11), delegated to ``daq_core``
+  (the same numerics as ``daq_fx``);
+* ``msb_clamp_bit_width_impl``: the constant bit-width (Brevitas's ``BitWidthConst``);
+* ``int_scaling_impl``: Brevitas's ``IntScaling``, kept for the parts of Brevitas that read it.
+
+``forward`` returns Brevitas's tuple ``(dequantized, scale, zero_point, bit_width)``:
+
+* weights, ``b >= 2``: the ``2^b`` symmetric no-zero levels ``|s| (2Q - n)/n`` (Eq. 2) are
+  signed ``b``-bit integers ``k`` in ``[-2^(b-1), 2^(b-1) - 1]`` with ``zero_point = -0.5``
+  and ``scale = 2|s|/n``: ``(k + 0.5) scale``;
+* weights, ``b = 1``: Brevitas's binary convention ``(±|s|, |s|, 0, 1)`` (QONNX ``BipolarQuant``);
+* activations: ``l + Δ Q`` are unsigned integers ``Q`` in ``[0, n]`` with ``scale = Δ`` and
+  ``zero_point = -l/Δ`` (signed quantizers shift both by ``2^(b-1)``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from brevitas import config
+from brevitas.core.bit_width import BitWidthConst
+from brevitas.core.function_wrapper import Identity
+from brevitas.core.scaling import IntScaling
+
+import daq_core
+from daq_core import check_bits, check_positive, num_levels
+
+__all__ = [
+    "DAQWeightScaling",
+    "DAQActScaling",
+    "DASRWeightIntQuant",
+    "DASRActIntQuant",
+    "DAQWeightTensorQuant",
+    "DAQActTensorQuant",
+]
+
+#: Weight bounds ``l, u`` are initialised to ``-3, 3`` on the standardised weight (DAQ-SPEC §3).
+WEIGHT_BOUND_INIT = 3.0
+
+
+class _IgnoreMissingKeysMixin:
+    """Drop this module's own keys from ``missing_keys`` while Brevitas loads float checkpoints.
+
+    Brevitas's graph quantization loads the float layer's ``state_dict`` into the new quant layer
+    with ``brevitas.config.IGNORE_MISSING_KEYS`` set; quantizer state is then legitimately missing.
+    """
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if config.IGNORE_MISSING_KEYS:
+            own = [prefix + name for name, _ in self.named_parameters(recurse=False)]
+            own += [prefix + name for name, _ in self.named_buffers(recurse=False)]
+            for key in own:
+                if key in missing_keys:
+                    missing_keys.remove(key)
+
+
+class DAQWeightScaling(_IgnoreMissingKeysMixin, nn.Module):
+    """Learned weight bounds ``l, u`` (Eq. 1) and output scale ``s`` (Eq. 3) of a DAQ weight quantizer.
+
+    ``l, u`` start at ``-3, 3`` (on the standardised weight, DAQ-SPEC §3). ``s`` is set on the
+    first forward to the least-squares scale of ``daq_core.init_weight_scale`` (the weight-only
+    form of the layer-output matching of DAQ-SPEC §5); the ``initialized`` buffer records it so a
+    loaded checkpoint is never re-initialised.
+
+    Args:
+        bit_width: weight bit-width ``b`` (needed for the initial scale).
+        num_channels: 1 for per-tensor state, the number of output channels for per-channel.
+        ch_axis: the output-channel axis of the weight (per-channel only).
+
+    Returns:
+        ``(lower, upper, scale)``, each of shape ``()`` or ``(num_channels,)``.
+
+    Example:
+        >>> scaling = DAQWeightScaling(bit_width=2)
+        >>> lower, upper, scale = scaling(torch.randn(8, 4))
+        >>> float(lower), float(upper), bool(scaling.initialized)
+        (-3.0, 3.0, True)
+    """
+
+    def __init__(self, bit_width: int, num_channels: int = 1, ch_axis: Optional[int] = None,
+                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
+        super().__init__()
+        self.bits = check_bits(bit_width, "weight_bit_width")
+        self.ch_axis = ch_axis if num_channels > 1 else None
+        shape = (num_channels,) if num_channels > 1 else ()
+        kw = dict(dtype=dtype or torch.float32, device=device)
+        self.lower = nn.Parameter(torch.full(shape, -WEIGHT_BOUND_INIT, **kw))
+        self.upper = nn.Parameter(torch.full(shape, WEIGHT_BOUND_INIT, **kw))
+        self.scale = nn.Parameter(torch.ones(shape, **kw))
+        self.register_buffer("initialized", torch.tensor(False, device=device))
+
+    @torch.no_grad()
+    def initialize(self, weight: Tensor) -> None:
+        """Least-squares output scale ``s = <W, w_q>/<w_q, w_q>`` for the current bounds."""
+        scale = daq_core.init_weight_scale(weight.detach(), self.lower, self.upper, self.bits, self.ch_axis)
+        self.scale.copy_(scale.reshape(self.scale.shape))
+        self.initialized.fill_(True)
+
+    def forward(self, weight: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        if not bool(self.initialized):
+            self.initialize(weight)
+        return self.lower, self.upper, self.scale
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, shape={tuple(self.lower.shape)}, ch_axis={self.ch_axis}"
+
+
+class DAQActScaling(_IgnoreMissingKeysMixin, nn.Module):
+    """Learned activation bounds ``l, u`` (Eq. 1), initialised on the first real batch (DAQ-SPEC §4).
+
+    Unsigned (inputs that follow a ReLU): ``l = 0`` is a fixed buffer and ``u = 3 std``.
+    Signed: both bounds are parameters, ``(-3 std, 3 std)``. Brevitas's scalar "sentinel"
+    calls (``proxy.scale()`` before any data) do not initialise.
+
+    Args:
+        signed: whether ``l`` is learned (signed inputs) or fixed at 0.
+
+    Returns:
+        ``(lower, upper)`` as 0-d tensors.
+
+    Example:
+        >>> scaling = DAQActScaling(signed=False)
+        >>> lower, upper = scaling(torch.rand(4, 8))
+        >>> float(lower), float(upper) > 0
+        (0.0, True)
+    """
+
+    def __init__(self, signed: bool, learn_lower_bound: Optional[bool] = None, quantizer: str = "",
+                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
+        super().__init__()
+        if learn_lower_bound is not None and bool(learn_lower_bound) != bool(signed):
+            name = quantizer or "this activation quantizer"
+            if signed:
+                raise ValueError(
+                    f"signed=True contradicts {name}, whose lower bound is fixed at 0 (unsigned levels for "
+                    f"ReLU-like inputs, DAQ-SPEC §4); use DAQSignedActPerTensor for signed inputs")
+            raise ValueError(
+                f"signed=False contradicts {name}, which learns both bounds (signed inputs); for a ReLU "
+                f"output use the unsigned DAQActPerTensor (lower bound fixed at 0)")
+        self.signed = bool(signed)
+        kw = dict(dtype=dtype or torch.float32, device=device)
+        if self.signed:
+            self.lower = nn.Parameter(torch.tensor(-1.0, **kw))
+        else:
+            self.register_buffer("lower", torch.tensor(0.0, **kw))
+        self.upper = nn.Parameter(torch.tensor(1.0, **kw))
+        self.register_buffer("initialized", torch.tensor(False, device=device))
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        """First-batch bounds of ``daq_core.init_activation_bounds`` (DAQ-SPEC §4)."""
+        lower, upper = daq_core.init_activation_bounds(x, signed=self.signed)
+        self.lower.copy_(lower)
+        self.upper.copy_(upper)
+        self.initialized.fill_(True)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        if not bool(self.initialized) and x.numel() > 1:
+            self.initialize(x)
+        return self.lower, self.upper
+
+    def extra_repr(self) -> str:
+        return f"signed={self.signed}"
+
+
+class DASRWeightIntQuant(nn.Module):
+    """DAQ weight rounding: ``|s| (2 DASR(t) - n)/n`` on the standardised weight (Eqs. 1-3).
+
+    A thin wrapper over ``daq_core.fake_quantize_weight`` (fused normalisation + DASR with
+    the closed-form backward).
+
+    Args:
+        bit_width: ``b``; gamma, sigma: DASR hyperparameters (Eq. 7 and the Gaussian kernel).
+
+    Example:
+        >>> iq = DASRWeightIntQuant(bit_width=1)
+        >>> iq(torch.tensor([-2.0, -0.1, 0.1, 2.0]), torch.tensor(-3.), torch.tensor(3.), torch.tensor(1.)).tolist()
+        [-1.0, -1.0, 1.0, 1.0]
+    """
+
+    def __init__(self, bit_width: int, gamma: float = daq_core.DEFAULT_GAMMA,
+                 sigma: float = daq_core.DEFAULT_WEIGHT_SIGMA, ch_axis: Optional[int] = None):
+        super().__init__()
+        self.bits = check_bits(bit_width, "weight_bit_width")
+        self.gamma = check_positive(gamma, "gamma")
+        self.sigma = check_positive(sigma, "sigma")
+        self.ch_axis = ch_axis
+        self.input_view_impl = Identity()
+
+    def forward(self, w: Tensor, lower: Tensor, upper: Tensor, scale: Tensor) -> Tensor:
+        ch_axis = self.ch_axis if lower.numel() > 1 else None
+        return daq_core.fake_quantize_weight(w, lower, upper, scale.abs(), self.bits, self.gamma, self.sigma,
+                                             ch_axis=ch_axis)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, gamma={self.gamma}, sigma={self.sigma}"
+
+
+class DASRActIntQuant(nn.Module):
+    """DAQ activation rounding in natural units: ``l + Δ DASR(t)`` (Eqs. 1-2, DAQ-SPEC §4).
+
+    A thin wrapper over ``daq_core.fake_quantize_activation``.
+
+    Example:
+        >>> iq = DASRActIntQuant(bit_width=2)
+        >>> iq(torch.tensor([-1.0, 0.4, 0.6, 9.0]), torch.tensor(0.), torch.tensor(3.)).tolist()
+        [0.0, 0.0, 1.0, 3.0]
+    """
+
+    def __init__(self, bit_width: int, gamma: float = daq_core.DEFAULT_GAMMA,
+                 sigma: float = daq_core.DEFAULT_ACT_SIGMA):
+        super().__init__()
+        self.bits = check_bits(bit_width, "bit_width")
+        self.gamma = check_positive(gamma, "gamma")
+        self.sigma = check_positive(sigma, "sigma")
+        self.input_view_impl = Identity()
+
+    def forward(self, x: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
+        return daq_core.fake_quantize_activation(x, lower, upper, self.bits, self.gamma, self.sigma)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, gamma={self.gamma}, sigma={self.sigma}"
+
+
+class _BitWidthRecordMixin(_IgnoreMissingKeysMixin):
+    """A persistent ``bits`` buffer: loading a checkpoint of another bit-width fails clearly."""
+
+    _bit_width_arg = "bit_width"
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "bits"
+        if key in state_dict:
+            saved = int(torch.as_tensor(state_dict[key]).item())
+            if saved != int(self.bits.item()):
+                raise ValueError(
+                    f"checkpoint entry '{key}' was saved with {self._bit_width_arg}={saved}, but this "
+                    f"{type(self).__name__} is built with {self._bit_width_arg}={int(self.bits.item())}; "
+                    f"DAQ bounds and scales depend on the bit-width: build the model with "
+                    f"{self._bit_width_arg}={saved} to load this checkpoint")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+class DAQWeightTensorQuant(_BitWidthRecordMixin, nn.Module):
+    """DAQ weight ``tensor_quant``: returns ``(w_q, scale, zero_point, bit_width)`` (Eqs. 1-3).
+
+    Args:
+        scaling_impl: :class:`DAQWeightScaling` (bounds and output scale).
+        int_quant: :class:`DASRWeightIntQuant` (normalisation + DASR).
+        bit_width_impl: Brevitas ``BitWidthConst``.
+        int_scaling_impl: Brevitas ``IntScaling`` (kept for Brevitas parts that read it).
+
+    Returns:
+        ``b >= 2``: ``(|s|(2Q-n)/n, 2|s|/n, -0.5, b)``; ``b = 1``: ``(±|s|, |s|, 0, 1)``.
+
+    Example:
+        >>> tq = DAQWeightTensorQuant(DAQWeightScaling(2), DASRWeightIntQuant(2), BitWidthConst(2))
+        >>> y, scale, zero_point, bit_width = tq(torch.randn(16, 8))
+        >>> sorted(set(((y / scale) + zero_point).round().int().flatten().tolist()))
+        [-2, -1, 0, 1]
+    """
+
+    _bit_width_arg = "weight_bit_width"
+
+    def __init__(self, scaling_impl: nn.Module, int_quant: nn.Module, bit_width_impl: nn.Module,
+                 int_scaling_impl: Optional[nn.Module] = None):
+        super().__init__()
+        self.scaling_impl = scaling_impl
+        self.int_quant = int_quant
+        self.msb_clamp_bit_width_impl = bit_width_impl
+        self.int_scaling_impl = int_scaling_impl if int_scaling_impl is not None else IntScaling(False, True)
+        self.observer_only = False
+        bits = int(bit_width_impl().item())
+        if bits != int_quant.bits or bits != scaling_impl.bits:
+            raise ValueError(f"inconsistent weight_bit_width: {bits}, {int_quant.bits}, {scaling_impl.bits}")
+        self.register_buffer("bits", torch.tensor(bits, dtype=torch.int64))
+        self.n = num_levels(bits)
+
+    def brevitas_scale(self, scale: Tensor, w: Tensor) -> Tensor:
+        """Brevitas's scale of the integer grid: ``2|s|/n`` (``|s|`` at 1 bit), channel-shaped like ``w``."""
+        s = scale.abs() if self.n == 1 else scale.abs() * (2.0 / self.n)
+        if s.numel() > 1:
+            shape = [1] * w.dim()
+            shape[self.int_quant.ch_axis % w.dim()] = -1
+            s = s.reshape(shape)
+        return s
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        lower, upper, scale = self.scaling_impl(x)
+        bit_width = self.msb_clamp_bit_width_impl()
+        out_scale = self.brevitas_scale(scale, x)
+        zero_point = torch.tensor(0.0 if self.n == 1 else -0.5, dtype=x.dtype, device=x.device)
+        y = x if self.observer_only else self.int_quant(x, lower, upper, scale)
+        return y, out_scale, zero_point, bit_width
+
+
+class DAQActTensorQuant(_BitWidthRecordMixin, nn.Module):
+    """DAQ activation ``tensor_quant``: returns ``(l + ΔQ, Δ, zero_point, bit_width)`` (Eqs. 1-2).
+
+    Unsigned: integers ``Q`` in ``[0, n]``, ``zero_point = -l/Δ`` (0 with ``l = 0``).
+    Signed: integers ``Q - 2^(b-1)``, ``zero_point = -l/Δ - 2^(b-1)``, so that Brevitas's
+    ``(int - zero_point) * scale`` reproduces ``l + ΔQ`` in both cases.
+
+    Example:
+        >>> tq = DAQActTensorQuant(DAQActScaling(False), DASRActIntQuant(4), BitWidthConst(4), signed=False)
+        >>> y, scale, zero_point, bit_width = tq(torch.rand(64))
+        >>> bool(((y / scale).round() - y / scale).abs().max() < 1e-4), float(zero_point)
+        (True, 0.0)
+    """
+
+    def __init__(self, scaling_impl: nn.Module, int_quant: nn.Module, bit_width_impl: nn.Module,
+                 signed: bool, int_scaling_impl: Optional[nn.Module] = None):
+        super().__init__()
+        if bool(signed) != scaling_impl.signed:
+            raise ValueError(f"signed={signed} disagrees with the bounds (lower bound "
+                             f"{'learned' if scaling_impl.signed else 'fixed at 0'})")
+        self.scaling_impl = scaling_impl
+        self.int_quant = int_quant
+        self.msb_clamp_bit_width_impl = bit_width_impl
+        self.int_scaling_impl = int_scaling_impl if int_scaling_impl is not None else IntScaling(False, signed)
+        self.observer_only = False
+        self.signed = bool(signed)
+        bits = int(bit_width_impl().item())
+        if bits != int_quant.bits:
+            raise ValueError(f"inconsistent bit_width: {bits} and {int_quant.bits}")
+        self.register_buffer("bits", torch.tensor(bits, dtype=torch.int64))
+        self.n = num_levels(bits)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        lower, upper = self.scaling_impl(x)
+        bit_width = self.msb_clamp_bit_width_impl()
+        step = (upper - lower) / self.n
+        zero_point = -lower / step
+        if self.signed:
+            zero_point = zero_point - float(2 ** (int(self.bits) - 1))
+        y = x if self.observer_only else self.int_quant(x, lower, upper)
+        return y, step, zero_point, bit_width

@@ -1,0 +1,115 @@
+"""DAQ quantizers as Brevitas injectors (declaration style).
+
+Use them like any Brevitas quantizer; set the bit-width the Brevitas way and override the DAQ
+hyperparameters (γ of Eq. 7, σ of the Gaussian kernel) as class attributes:
+
+Example:
+    >>> import brevitas.nn as qnn
+    >>> from brevitas.quant import Int32Bias
+    >>> conv = qnn.QuantConv2d(3, 8, 3, weight_quant=DAQWeightPerChannel, weight_bit_width=4,
+    ...                        bias_quant=Int32Bias, return_quant_tensor=False)
+    >>> class MyDAQWeight(DAQWeightPerTensor):
+    ...     bit_width = 2
+    ...     sigma = 0.5
+    >>> relu = qnn.QuantReLU(act_quant=DAQActPerTensor, bit_width=4, return_quant_tensor=True)
+"""
+
+from __future__ import annotations
+
+from brevitas.core.bit_width import BitWidthImplType
+from brevitas.core.function_wrapper import Identity
+from brevitas.core.scaling import IntScaling, ScalingPerOutputType
+from brevitas.inject.enum import FloatToIntImplType
+from brevitas.inject import value
+from brevitas.quant.solver import ActQuantSolver, WeightQuantSolver
+
+import daq_core
+
+from .core import (DAQActScaling, DAQActTensorQuant, DAQWeightScaling, DAQWeightTensorQuant, DASRActIntQuant,
+                   DASRWeightIntQuant)
+from .proxy import DAQActQuantProxy, DAQWeightQuantProxy
+
+__all__ = ["DAQWeightPerTensor", "DAQWeightPerChannel", "DAQActPerTensor", "DAQSignedActPerTensor",
+           "is_daq_quantizer"]
+
+
+class DAQWeightPerTensor(WeightQuantSolver):
+    """DAQ weights (DAQ-SPEC §3): standardised per tensor, learned ``l, u`` (init ±3), learned output
+    scale ``s`` (Eq. 3), the ``2^b`` symmetric levels with no zero (Eq. 2), DASR rounding (Eqs. 4-11).
+
+    Brevitas view: signed ``b``-bit integers with ``zero_point = -0.5`` (``b >= 2``); binary
+    ``(±s, s, 0, 1)`` at ``b = 1``.
+    """
+
+    proxy_class = DAQWeightQuantProxy
+    tensor_quant = DAQWeightTensorQuant
+    scaling_impl = DAQWeightScaling
+    int_quant = DASRWeightIntQuant
+    int_scaling_impl = IntScaling
+    input_view_impl = Identity
+    bit_width_impl_type = BitWidthImplType.CONST
+    float_to_int_impl_type = FloatToIntImplType.ROUND
+    scaling_per_output_type = ScalingPerOutputType.TENSOR
+    signed = True
+    narrow_range = False
+    bit_width = 4
+    gamma = daq_core.DEFAULT_GAMMA
+    sigma = daq_core.DEFAULT_WEIGHT_SIGMA
+    num_channels = 1
+
+    @value
+    def ch_axis(output_channel_dim):
+        return output_channel_dim
+
+
+class DAQWeightPerChannel(DAQWeightPerTensor):
+    """:class:`DAQWeightPerTensor` with standardisation, bounds and scale per output channel."""
+
+    scaling_per_output_type = ScalingPerOutputType.CHANNEL
+
+    @value
+    def num_channels(tracked_parameter_list, output_channel_dim):
+        return int(tracked_parameter_list[0].shape[output_channel_dim])
+
+
+class DAQActPerTensor(ActQuantSolver):
+    """Unsigned DAQ activations for ReLU-like inputs (DAQ-SPEC §4): ``l = 0`` fixed, ``u`` learned
+    (init ``3 std`` of the first batch), levels ``Δ Q``, ``Q`` in ``[0, 2^b - 1]``, DASR rounding.
+    """
+
+    proxy_class = DAQActQuantProxy
+    tensor_quant = DAQActTensorQuant
+    scaling_impl = DAQActScaling
+    int_quant = DASRActIntQuant
+    int_scaling_impl = IntScaling
+    input_view_impl = Identity
+    bit_width_impl_type = BitWidthImplType.CONST
+    float_to_int_impl_type = FloatToIntImplType.ROUND
+    scaling_per_output_type = ScalingPerOutputType.TENSOR
+    signed = False
+    learn_lower_bound = False
+    narrow_range = False
+    bit_width = 4
+    gamma = daq_core.DEFAULT_GAMMA
+    sigma = daq_core.DEFAULT_ACT_SIGMA
+
+    @value
+    def quantizer(learn_lower_bound):
+        return "DAQSignedActPerTensor" if learn_lower_bound else "DAQActPerTensor"
+
+
+class DAQSignedActPerTensor(DAQActPerTensor):
+    """Signed DAQ activations (DAQ-SPEC §4): both bounds learned (init ``±3 std`` of the first batch),
+    levels ``l + Δ Q``; Brevitas view: signed ints ``Q - 2^(b-1)``, zero point ``-l/Δ - 2^(b-1)``.
+    """
+
+    signed = True
+    learn_lower_bound = True
+
+
+def is_daq_quantizer(quant) -> bool:
+    """Whether ``quant`` (an injector class) is one of the DAQ quantizers or a subclass."""
+    try:
+        return issubclass(quant, (DAQWeightPerTensor, DAQActPerTensor))
+    except TypeError:
+        return False
