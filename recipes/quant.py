@@ -1,0 +1,222 @@
+"""The recipes' thin adapter over the quantization back-ends.
+
+Three ``framework`` values share one interface (prepare → train → convert/export):
+
+* ``fx``: DAQ through :mod:`daq_fx` (torch.ao FX graph mode), converted to an x86 int8 model;
+* ``brevitas``: DAQ through :mod:`daq_brevitas`, exported to QONNX;
+* ``stock``: torch.ao's stock QAT (``FakeQuantize`` with moving-average min/max observers and
+  the straight-through estimator), the baseline the DAQ numbers are compared with.
+
+Everything framework-specific lives here; the trainer only sees a model, its quantizer
+parameters (for the separate Adam group of DAQ-SPEC §6) and a converted model.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+FRAMEWORKS = ("fx", "brevitas", "stock")
+
+
+class QuantError(RuntimeError):
+    """A quantization back-end is unavailable or rejected the model."""
+
+
+def _import_daq_fx():
+    try:
+        import daq_fx
+    except Exception as e:  # pragma: no cover
+        raise QuantError(f"daq_fx cannot be imported: {e}") from e
+    if not hasattr(daq_fx, "prepare_qat_fx"):
+        raise QuantError("this checkout's daq_fx does not provide prepare_qat_fx yet")
+    return daq_fx
+
+
+def _import_daq_brevitas():
+    try:
+        import daq_brevitas
+    except Exception as e:  # pragma: no cover
+        raise QuantError(f"daq_brevitas cannot be imported: {e}") from e
+    if not hasattr(daq_brevitas, "quantize_model"):
+        raise QuantError("this checkout's daq_brevitas does not provide quantize_model yet")
+    return daq_brevitas
+
+
+# --------------------------------------------------------------------------------------
+# qconfig mappings (FX)
+# --------------------------------------------------------------------------------------
+
+def stock_qconfig_mapping(weight_bits: int, act_bits: int, backend: str = "x86"):
+    """torch.ao's default QAT mapping with its FakeQuantize narrowed to ``weight_bits``/``act_bits``."""
+    from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
+    from torch.ao.quantization import QConfig, get_default_qat_qconfig_mapping
+
+    act = FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=2 ** act_bits - 1,
+                                 dtype=torch.quint8, qscheme=torch.per_tensor_affine, reduce_range=False)
+    wq = 2 ** (weight_bits - 1)
+    weight = FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver, quant_min=-wq, quant_max=wq - 1,
+                                    dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0)
+    return get_default_qat_qconfig_mapping(backend).set_global(QConfig(activation=act, weight=weight))
+
+
+def _daq_fx_qconfig_mapping(weight_bits: int, act_bits: int, backend: str = "x86"):
+    daq_fx = _import_daq_fx()
+    fn = getattr(daq_fx, "get_daq_qat_qconfig_mapping")
+    return fn(backend=backend, weight_bits=weight_bits, act_bits=act_bits)
+
+
+# --------------------------------------------------------------------------------------
+# The adapter
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class QuantSpec:
+    framework: str
+    weight_bits: int
+    act_bits: int
+    float_layers: Sequence[str] = ()
+    backend: str = "x86"
+    extra: Dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.framework not in FRAMEWORKS:
+            raise QuantError(f"unknown --framework {self.framework!r}: choose one of {', '.join(FRAMEWORKS)}")
+
+
+def prepare(model: nn.Module, spec: QuantSpec, example_inputs) -> nn.Module:
+    """Insert the quantizers; the returned model is in train mode and ready for QAT."""
+    from .models import unfuse_batchnorm_act
+
+    model = unfuse_batchnorm_act(model)
+    model.train()
+    if spec.framework in ("fx", "stock"):
+        from torch.ao.quantization.quantize_fx import prepare_qat_fx as stock_prepare
+
+        mapping = (_daq_fx_qconfig_mapping(spec.weight_bits, spec.act_bits, spec.backend) if spec.framework == "fx"
+                   else stock_qconfig_mapping(spec.weight_bits, spec.act_bits, spec.backend))
+        for name in spec.float_layers:
+            mapping = mapping.set_module_name(name, None)
+        if spec.framework == "fx":
+            prepared = _import_daq_fx().prepare_qat_fx(model, mapping, example_inputs)
+        else:
+            prepared = stock_prepare(model, mapping, example_inputs)
+        return prepared
+    daq_brevitas = _import_daq_brevitas()
+    kwargs = dict(weight_bit_width=spec.weight_bits, act_bit_width=spec.act_bits)
+    if spec.float_layers:
+        kwargs["float_layers"] = tuple(spec.float_layers)
+    return daq_brevitas.quantize_model(model, **kwargs)
+
+
+def quantizer_parameters(model: nn.Module, spec: QuantSpec) -> List[nn.Parameter]:
+    """The learned quantizer parameters (bounds, output scales): DAQ-SPEC §6's Adam group."""
+    model = getattr(model, "module", model)
+    lib = None
+    if spec.framework == "fx":
+        lib = _import_daq_fx()
+    elif spec.framework == "brevitas":
+        lib = _import_daq_brevitas()
+    if lib is not None and hasattr(lib, "quantizer_parameters"):
+        return list(lib.quantizer_parameters(model))
+    # generic fallback: parameters owned by fake-quant / quantizer modules
+    from torch.ao.quantization import FakeQuantizeBase
+
+    seen, out = set(), []
+    for mod in model.modules():
+        owned = isinstance(mod, FakeQuantizeBase) or "quant" in type(mod).__name__.lower() and not hasattr(mod, "weight")
+        if owned:
+            for p in mod.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+    return out
+
+
+def convert(qat_model: nn.Module, spec: QuantSpec, out_dir: Optional[Path] = None, example_inputs=None):
+    """Convert (fx/stock: x86 int8 model) or export (brevitas: QONNX) a trained QAT model.
+
+    Returns ``(int_model, artifacts)``: ``int_model`` is a callable torch module on CPU
+    (None where the back-end only exports a file), ``artifacts`` names written files.
+    """
+    model = copy.deepcopy(getattr(qat_model, "module", qat_model)).cpu().eval()
+    artifacts: Dict[str, str] = {}
+    if spec.framework in ("fx", "stock"):
+        torch.backends.quantized.engine = spec.backend if spec.backend in torch.backends.quantized.supported_engines \
+            else torch.backends.quantized.engine
+        if spec.framework == "fx":
+            int_model = _import_daq_fx().convert_fx(model)
+        else:
+            from torch.ao.quantization.quantize_fx import convert_fx
+
+            int_model = convert_fx(model)
+        return int_model.eval(), artifacts
+    daq_brevitas = _import_daq_brevitas()
+    if out_dir is not None and example_inputs is not None:
+        path = Path(out_dir) / "model.qonnx.onnx"
+        for name in ("export_qonnx", "export"):
+            fn = getattr(daq_brevitas, name, None)
+            if fn is not None:
+                try:
+                    fn(model, example_inputs[0].cpu(), str(path))
+                    artifacts["qonnx"] = str(path)
+                except Exception as e:  # noqa: BLE001 - export is reported, not fatal
+                    artifacts["qonnx_error"] = f"{type(e).__name__}: {e}"
+                break
+    return None, artifacts
+
+
+def model_size_bits(qat_model: nn.Module, spec: QuantSpec) -> Dict[str, int]:
+    """Storage of the deployable model: quantized weights at ``weight_bits``, all else 32-bit.
+
+    Counts every weight that has a weight quantizer at ``weight_bits`` per element and every
+    other parameter and BN running statistic (biases, float layers, BN) at 32 bits; quantizer
+    parameters are not counted (they become a few per-layer scales).
+    """
+    model = getattr(qat_model, "module", qat_model)
+    qparams = {id(p) for p in quantizer_parameters(model, spec)}
+    quant_weights = set()
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor) and (hasattr(mod, "weight_fake_quant") or hasattr(mod, "weight_quant")):
+            quant_weights.add(id(w))
+    q_bits = f_bits = 0
+    float_params = 0
+    for p in model.parameters():
+        if id(p) in qparams:
+            continue
+        if id(p) in quant_weights:
+            q_bits += p.numel() * spec.weight_bits
+        else:
+            f_bits += p.numel() * 32
+            float_params += p.numel()
+    for name, b in model.named_buffers():
+        if name.endswith("running_mean") or name.endswith("running_var"):
+            f_bits += b.numel() * 32
+    return {"quantized_weight_bits": q_bits, "float_bits": f_bits, "total_bits": q_bits + f_bits,
+            "float_params": float_params}
+
+
+def float_size_bits(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters()) * 32
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall time of one forward pass (batch of ``example``), milliseconds, CPU."""
+    model.eval()
+    for _ in range(warmup):
+        model(example)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model(example)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return 1e3 * times[len(times) // 2]

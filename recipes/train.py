@@ -1,0 +1,807 @@
+"""The shared training pipeline of the recipes.
+
+One run goes through up to three stages, each resumable from its per-epoch checkpoint:
+
+1. ``float``: optional float training/fine-tuning (``--float-epochs``; the offline demo starts
+   from random weights, the ResNet-20 recipe fine-tunes the pretrained model on JPEG images);
+2. ``qat``: insert the quantizers (``--framework``), initialise them on one batch, train with
+   SGD on the weights and Adam on the quantizer parameters (DAQ-SPEC §6), cosine schedules;
+3. ``convert``: x86 int8 model (fx, stock) or QONNX export (brevitas), evaluated against the
+   QAT model, then the report (Markdown + JSON), the metrics log (JSONL) and the curves (PNG).
+
+Recipes (``recipes/mobilenetv2_w4a4.py``, ``recipes/resnet20_cifar10.py``) only set defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+
+from . import data as data_mod
+from . import models as models_mod
+from . import quant as quant_mod
+
+CHECKPOINT_NAME = "checkpoint.pt"
+FLOAT_NAME = "float_model.pt"
+STAGES = ("float", "qat")
+CHECKPOINT_VERSION = 1
+
+
+class RecipeError(RuntimeError):
+    """A user-facing error: the message says what is wrong and what to do."""
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+
+def parse_bits(text: str):
+    t = text.upper().strip()
+    if not (t.startswith("W") and "A" in t):
+        raise argparse.ArgumentTypeError(f"--bits expects WxAy, e.g. W4A4 or W1A32, got {text!r}")
+    w, a = t[1:].split("A", 1)
+    try:
+        return int(w), int(a)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--bits expects WxAy with integers, got {text!r}") from None
+
+
+def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="ImageFolder root with train/ and val/, or cifar10, or fashion-mnist")
+    g.add_argument("--data-root", default=None, help="where the named dataset lives (default: see recipes/data.py)")
+    g.add_argument("--download", action="store_true", help="allow torchvision to download a named dataset")
+    g.add_argument("--img-size", type=int, help="training/eval resolution")
+    g.add_argument("--train-subset", type=int, default=None, help="use a class-balanced subset of N training images")
+    g.add_argument("--val-subset", type=int, default=None, help="use a class-balanced subset of N validation images")
+    g.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 in-memory, 4 ImageFolder)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="timm model name")
+    g.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs internet)")
+    g.add_argument("--initial-checkpoint", default=None, help="float weights to start from (state_dict, 'module.' ok)")
+    g = p.add_argument_group("quantization")
+    g.add_argument("--framework", choices=quant_mod.FRAMEWORKS, help="fx: daq_fx + x86 int8; brevitas: daq_brevitas"
+                   " + QONNX; stock: torch.ao's stock STE fake-quant (baseline)")
+    g.add_argument("--bits", type=parse_bits, help="WxAy, e.g. W4A4")
+    g.add_argument("--float-layers", default=None,
+                   help="comma-separated module names kept in float ('' = quantize every layer)")
+    g.add_argument("--compile-kernels", action="store_true", help="torch.compile the DAQ element-wise kernels")
+    g = p.add_argument_group("training (DAQ-SPEC §6)")
+    g.add_argument("--epochs", type=int, help="QAT epochs")
+    g.add_argument("--float-epochs", type=int, help="float epochs before QAT (0: start QAT from the given weights)")
+    g.add_argument("--batch-size", type=int, help="global batch size (split over processes)")
+    g.add_argument("--lr", type=float, help="SGD lr for weights in QAT")
+    g.add_argument("--float-lr", type=float, help="SGD lr for the float stage")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, help="SGD weight decay")
+    g.add_argument("--quant-lr", type=float, default=1e-4, help="Adam lr for quantizer parameters (no weight decay)")
+    g.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke tests)")
+    g.add_argument("--distill", action="store_true", help="knowledge distillation from the float model during QAT")
+    g.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the KD term (1-alpha on labels)")
+    g.add_argument("--distill-temp", type=float, default=1.0, help="KD temperature")
+    g = p.add_argument_group("run")
+    g.add_argument("--output", help="output directory (checkpoint, metrics.jsonl, report.md/json, curves.png)")
+    g.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from OUTPUT/checkpoint.pt (or the given checkpoint)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    g.add_argument("--eval-batch-size", type=int, default=256)
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bars (per-epoch lines are still printed)")
+    g.add_argument("--latency-batch", type=int, default=1, help="batch size for the int-model latency")
+    g.add_argument("--demo", action="store_true", help="the small offline demo budget (see the recipe)")
+    p.set_defaults(**defaults)
+    return p
+
+
+# --------------------------------------------------------------------------------------
+# Distributed / device / seeding
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device_arg: str) -> (Dist, torch.device):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want_cuda = device_arg.startswith("cuda") or (device_arg == "auto" and torch.cuda.is_available())
+    if device_arg.startswith("cuda") and not torch.cuda.is_available():
+        raise RecipeError(f"--device {device_arg} requested but CUDA is not available; use --device cpu")
+    if world > 1:
+        rank = int(os.environ["RANK"])
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        backend = "nccl" if want_cuda else "gloo"
+        if want_cuda:
+            torch.cuda.set_device(local)
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend)
+        device = torch.device("cuda", local) if want_cuda else torch.device("cpu")
+        return Dist(rank, world, local), device
+    if want_cuda:
+        return Dist(), torch.device(device_arg if device_arg.startswith("cuda") else "cuda")
+    return Dist(), torch.device("cpu")
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, stage: str, epoch: int, rank: int) -> int:
+    return seed * 1_000_003 + STAGES.index(stage) * 10_007 + epoch * 101 + rank
+
+
+def rng_state() -> Dict:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: Dict):
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+# --------------------------------------------------------------------------------------
+# Output files
+# --------------------------------------------------------------------------------------
+
+def ensure_writable(out: Path):
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise RecipeError(f"output directory {out} is not writable ({e.strerror or e}); pass --output DIR"
+                          f" somewhere you can write") from e
+
+
+def atomic_save(obj, path: Path):
+    """Write to a temporary file in the same directory, fsync, then ``os.replace``: never a torn file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def truncate_after(self, stage: str, epoch: int):
+        """Drop records past a checkpoint (stage, epoch) when resuming: the log matches the state."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = []
+        limit = (STAGES.index(stage), epoch)
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line from a killed run
+            pos = (STAGES.index(rec["stage"]), rec["epoch"]) if rec.get("stage") in STAGES else (-1, 0)
+            if pos <= limit:
+                keep.append(line)
+        atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+
+    def write(self, rec: Dict):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def read(self) -> List[Dict]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                out.append(json.loads(line))
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# Training and evaluation
+# --------------------------------------------------------------------------------------
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def observers_frozen(model: nn.Module):
+    """Evaluation must not feed validation statistics into torch.ao observers (stock FakeQuantize)."""
+    saved = []
+    for m in model.modules():
+        buf = getattr(m, "observer_enabled", None)
+        if isinstance(buf, torch.Tensor):
+            saved.append((buf, buf.clone()))
+            buf.zero_()
+    try:
+        yield
+    finally:
+        for buf, val in saved:
+            buf.copy_(val)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device, desc: str = "eval", progress: bool = False,
+             return_preds: bool = False):
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    loss_sum = 0.0
+    preds = []
+    try:
+        from tqdm import tqdm
+        it = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+        with observers_frozen(model):
+            for x, y in it:
+                x, y = x.to(device), y.to(device)
+                out = model(x)
+                loss_sum += F.cross_entropy(out.float(), y, reduction="sum").item()
+                p = out.argmax(1)
+                correct += (p == y).sum().item()
+                total += y.numel()
+                if return_preds:
+                    preds.append(p.cpu())
+    finally:
+        model.train(was_training)
+    res = {"acc": 100.0 * correct / max(total, 1), "loss": loss_sum / max(total, 1), "n": total}
+    if return_preds:
+        res["preds"] = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+    return res
+
+
+def kd_loss(student_logits, teacher_logits, temp: float):
+    t = temp
+    return F.kl_div(F.log_softmax(student_logits / t, 1), F.log_softmax(teacher_logits / t, 1),
+                    reduction="batchmean", log_target=True) * t * t
+
+
+class Interrupted(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------
+
+class Pipeline:
+    def __init__(self, args, recipe: str, float_layers: Sequence[str] = ()):
+        self.args = args
+        self.recipe = recipe
+        self.float_layers = tuple(float_layers)
+        self.t0 = time.time()
+
+    # ---- setup ------------------------------------------------------------------
+    def meta(self) -> Dict:
+        a = self.args
+        return {"recipe": self.recipe, "model": a.model, "framework": a.framework, "weight_bits": a.bits[0],
+                "act_bits": a.bits[1], "num_classes": self.data.num_classes, "img_size": a.img_size,
+                "float_layers": list(self.float_layers), "version": CHECKPOINT_VERSION}
+
+    def log(self, msg: str):
+        if self.dist.main:
+            print(msg, flush=True)
+
+    def setup(self):
+        a = self.args
+        if not a.data:
+            raise RecipeError("--data is required (an ImageFolder root, cifar10 or fashion-mnist)")
+        if not a.output:
+            raise RecipeError("--output is required")
+        self.dist, self.device = init_distributed(a.device)
+        self.out = Path(a.output)
+        if self.dist.main:
+            ensure_writable(self.out)
+        w, ab = a.bits
+        if not (1 <= w <= 8 and 1 <= ab <= 32):
+            raise RecipeError(f"--bits W{w}A{ab} is out of range (weights 1..8, activations 1..8 or 32 for float)")
+        if a.batch_size % self.dist.world:
+            raise RecipeError(f"--batch-size {a.batch_size} is not divisible by the {self.dist.world} processes")
+        if a.compile_kernels:
+            import daq_core
+            daq_core.use_compiled_kernels(True)
+        self.data = data_mod.build_data(a.data, a.img_size, a.data_root, a.download)
+        self.train_set = data_mod.subset(self.data.train, a.train_subset, a.seed)
+        self.val_set = data_mod.subset(self.data.val, a.val_subset, a.seed)
+        if len(self.train_set) == 0 or len(self.val_set) == 0:
+            raise RecipeError("the training or validation set is empty")
+        # validate the model name (and the initial checkpoint) before any training
+        self.float_model = models_mod.create_model(a.model, self.data.num_classes, a.pretrained,
+                                                   a.initial_checkpoint)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", self.dist.main)
+        self.results: Dict = {}
+        self.workers = a.workers if a.workers is not None else (0 if self.data.in_memory else 4)
+
+    def loader(self, ds, train: bool, epoch: int = 0, stage: str = "float"):
+        a = self.args
+        per_proc = a.batch_size // self.dist.world if train else a.eval_batch_size
+        if train:
+            if self.dist.enabled:
+                sampler = DistributedSampler(ds, self.dist.world, self.dist.rank, shuffle=True, seed=a.seed,
+                                             drop_last=True)
+                sampler.set_epoch(epoch + 1000 * STAGES.index(stage))
+            else:
+                g = torch.Generator().manual_seed(epoch_seed(a.seed, stage, epoch, 0))
+                sampler = RandomSampler(ds, generator=g)
+            drop_last = len(ds) // self.dist.world >= per_proc
+            g = torch.Generator().manual_seed(epoch_seed(a.seed, stage, epoch, self.dist.rank))
+            return DataLoader(ds, per_proc, sampler=sampler, num_workers=self.workers, drop_last=drop_last,
+                              generator=g, pin_memory=self.device.type == "cuda")
+        return DataLoader(ds, per_proc, sampler=SequentialSampler(ds), num_workers=self.workers,
+                          pin_memory=self.device.type == "cuda")
+
+    def steps_per_epoch(self) -> int:
+        n = len(self.loader(self.train_set, True))
+        if self.args.max_steps_per_epoch:
+            n = min(n, self.args.max_steps_per_epoch)
+        return max(n, 1)
+
+    # ---- checkpoints --------------------------------------------------------------
+    def save_checkpoint(self, stage: str, epoch: int, model, optimizers, schedulers, step: int):
+        if not self.dist.main:
+            return
+        ckpt = {
+            "daq_recipe": self.meta(), "stage": stage, "epoch": epoch, "global_step": step,
+            "model": unwrap(model).state_dict(),
+            "float_model": (unwrap(model).state_dict() if stage == "float" else self.float_state),
+            "optimizers": [o.state_dict() for o in optimizers],
+            "schedulers": [s.state_dict() for s in schedulers],
+            "rng": rng_state(), "results": self.results, "world_size": self.dist.world,
+        }
+        atomic_save(ckpt, self.out / CHECKPOINT_NAME)
+
+    def load_resume(self) -> Optional[Dict]:
+        a = self.args
+        if a.resume is None:
+            return None
+        path = self.out / CHECKPOINT_NAME if a.resume == "auto" else Path(a.resume)
+        if not path.is_file():
+            raise RecipeError(f"--resume: no checkpoint at {path} (nothing to resume; run without --resume)")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise RecipeError(f"--resume: cannot read {path} ({type(e).__name__}: {e}); it is not a checkpoint"
+                              f" written by this recipe") from e
+        if not isinstance(ckpt, dict) or "daq_recipe" not in ckpt:
+            raise RecipeError(f"--resume: {path} is not a recipe checkpoint (for float weights use"
+                              f" --initial-checkpoint)")
+        theirs, ours = ckpt["daq_recipe"], self.meta()
+        for key in ("model", "framework", "weight_bits", "act_bits", "num_classes", "img_size", "float_layers"):
+            if theirs.get(key) != ours.get(key):
+                raise RecipeError(f"--resume: checkpoint {path} is for {key}={theirs.get(key)!r} but this run has"
+                                  f" {key}={ours.get(key)!r} (checkpoint: {theirs['model']} W{theirs['weight_bits']}"
+                                  f"A{theirs['act_bits']} {theirs['framework']}); use a fresh --output or the same"
+                                  f" settings")
+        return ckpt
+
+    # ---- one stage ------------------------------------------------------------------
+    def train_stage(self, stage: str, model: nn.Module, epochs: int, lr: float, wd: float,
+                    qparams: Sequence[nn.Parameter], ckpt: Optional[Dict], teacher: Optional[nn.Module]):
+        a = self.args
+        qids = {id(p) for p in qparams}
+        weights = [p for p in model.parameters() if p.requires_grad and id(p) not in qids]
+        qp = [p for p in qparams if p.requires_grad]
+        optimizers = [torch.optim.SGD(weights, lr=lr, momentum=a.momentum, weight_decay=wd)]
+        if qp:
+            optimizers.append(torch.optim.Adam(qp, lr=a.quant_lr, weight_decay=0.0))
+        spe = self.steps_per_epoch()
+        total = max(epochs * spe, 1)
+        schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=total) for o in optimizers]
+        start_epoch, step = 0, 0
+        if ckpt is not None and ckpt["stage"] == stage:
+            for o, s in zip(optimizers, ckpt["optimizers"]):
+                o.load_state_dict(s)
+            for sch, s in zip(schedulers, ckpt["schedulers"]):
+                sch.load_state_dict(s)
+            start_epoch, step = ckpt["epoch"], ckpt["global_step"]
+            set_rng_state(ckpt["rng"])
+        if self.dist.enabled:
+            ddp_kw = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
+            train_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=stage == "qat", **ddp_kw)
+        else:
+            train_model = model
+        from tqdm import tqdm
+        for epoch in range(start_epoch, epochs):
+            seed_everything(epoch_seed(a.seed, stage, epoch, self.dist.rank))
+            train_model.train()
+            loader = self.loader(self.train_set, True, epoch, stage)
+            bar = tqdm(total=spe, desc=f"{stage} {epoch + 1}/{epochs}", disable=a.no_progress or not self.dist.main,
+                       dynamic_ncols=True, leave=False)
+            loss_sum = correct = seen = 0.0
+            t_ep = time.time()
+            self._in_epoch = (stage, epoch)
+            for i, (x, y) in enumerate(loader):
+                if i >= spe:
+                    break
+                x = x.to(self.device, non_blocking=True)
+                y = y.to(self.device, non_blocking=True)
+                out = train_model(x)
+                loss = F.cross_entropy(out, y)
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_out = teacher(x)
+                    loss = (1 - a.distill_alpha) * loss + a.distill_alpha * kd_loss(out, t_out, a.distill_temp)
+                if not torch.isfinite(loss):
+                    raise RecipeError(f"{stage} epoch {epoch + 1} step {i}: loss is {loss.item()}; lower --lr /"
+                                      f" --quant-lr or check the data")
+                for o in optimizers:
+                    o.zero_grad(set_to_none=True)
+                loss.backward()
+                for o in optimizers:
+                    o.step()
+                for s in schedulers:
+                    s.step()
+                step += 1
+                bs = y.numel()
+                loss_sum += loss.item() * bs
+                correct += (out.argmax(1) == y).sum().item()
+                seen += bs
+                el = time.time() - t_ep
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
+                                img_s=f"{seen * self.dist.world / max(el, 1e-9):.0f}")
+                bar.update(1)
+            bar.close()
+            ep_time = time.time() - t_ep
+            stats = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
+            if self.dist.enabled:
+                dist.all_reduce(stats)
+            loss_sum, correct, seen = stats.tolist()
+            rec = {"stage": stage, "epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(seen, 1),
+                   "train_acc": 100 * correct / max(seen, 1), "lr": optimizers[0].param_groups[0]["lr"],
+                   "quant_lr": optimizers[1].param_groups[0]["lr"] if len(optimizers) > 1 else None,
+                   "img_per_s": seen / max(ep_time, 1e-9), "epoch_time_s": ep_time}
+            if self.dist.main:
+                ev = evaluate(model, self.loader(self.val_set, False), self.device, f"val ({stage})",
+                              not a.no_progress)
+                rec.update(val_acc=ev["acc"], val_loss=ev["loss"])
+            self._in_epoch = None
+            self.save_checkpoint(stage, epoch + 1, model, optimizers, schedulers, step)
+            self.metrics.write(rec)
+            self.log(f"[{stage}] epoch {epoch + 1}/{epochs}  train loss {rec['train_loss']:.4f} acc"
+                     f" {rec['train_acc']:.2f}%  val acc {rec.get('val_acc', float('nan')):.2f}%"
+                     f"  {rec['img_per_s']:.0f} img/s  {ep_time:.1f}s")
+            if self.dist.enabled:
+                dist.barrier()
+        return model
+
+    # ---- main -------------------------------------------------------------------------
+    def calibration_batch(self):
+        """A fixed batch for quantizer initialisation, drawn without touching the global RNG."""
+        a = self.args
+        n = min(a.batch_size // self.dist.world, len(self.train_set))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(a.seed + 12345)
+            idx = torch.randperm(len(self.train_set))[:n].tolist()
+            xs = [self.train_set[i][0] for i in idx]
+        return torch.stack(xs).to(self.device)
+
+    def prepare_qat(self, float_model: nn.Module) -> nn.Module:
+        a = self.args
+        spec = self.spec
+        model = copy.deepcopy(float_model).to(self.device)
+        calib = self.calibration_batch()
+        try:
+            qat = quant_mod.prepare(model, spec, (calib[:1],))
+        except quant_mod.QuantError as e:
+            raise RecipeError(str(e)) from e
+        qat = qat.to(self.device)
+        # initialise the quantizers (DAQ-SPEC §4-5: first batch) without moving BN statistics
+        bn_bufs = {k: v.clone() for k, v in qat.state_dict().items()
+                   if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+        qat.train()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            qat(calib)
+        sd = qat.state_dict()
+        with torch.no_grad():
+            for k, v in bn_bufs.items():
+                sd[k].copy_(v)
+        return qat
+
+    def run(self):
+        a = self.args
+        self.setup()
+        w, ab = a.bits
+        self.spec = quant_mod.QuantSpec(a.framework, w, ab, self.float_layers)
+        ckpt = self.load_resume()
+        if ckpt is not None:
+            self.results = dict(ckpt.get("results", {}))
+            self.metrics.truncate_after(ckpt["stage"], ckpt["epoch"])
+            self.log(f"resuming from {self.out / CHECKPOINT_NAME if a.resume == 'auto' else a.resume}:"
+                     f" stage {ckpt['stage']}, epoch {ckpt['epoch']}")
+            if ckpt.get("world_size", 1) != self.dist.world:
+                self.log(f"warning: checkpoint written with {ckpt.get('world_size')} processes, resuming with"
+                         f" {self.dist.world}: the result will not match an uninterrupted run exactly")
+        elif self.dist.main:
+            self.metrics.truncate_after("float", -1)  # a fresh run starts a fresh log
+        seed_everything(a.seed)
+        self.log(f"data: {self.data.description}: {len(self.train_set)} train / {len(self.val_set)} val images,"
+                 f" {self.data.num_classes} classes, {a.img_size}px; device {self.device}"
+                 f"{f', {self.dist.world} processes' if self.dist.enabled else ''}")
+        self.wall = dict(self.results.get("wall_s", {}))
+        float_model = self.float_model.to(self.device)
+
+        # ---- stage 1: float -------------------------------------------------------------
+        if ckpt is not None and ckpt["stage"] == "qat":
+            float_model.load_state_dict(ckpt["float_model"])
+        else:
+            if ckpt is not None:
+                float_model.load_state_dict(ckpt["model"])
+            if a.float_epochs > 0:
+                t = time.time()
+                self.float_state = None
+                self.train_stage("float", float_model, a.float_epochs, a.float_lr, a.weight_decay, [], ckpt, None)
+                self.wall["float_train"] = self.wall.get("float_train", 0.0) + time.time() - t
+            if self.dist.main:
+                ev = evaluate(float_model, self.loader(self.val_set, False), self.device, "val (float)",
+                              not a.no_progress)
+                self.results["float_acc"] = ev["acc"]
+                self.log(f"float model: val acc {ev['acc']:.2f}%")
+        self.float_state = {k: v.detach().cpu().clone() for k, v in unwrap(float_model).state_dict().items()}
+        if self.dist.main:
+            atomic_save({"daq_recipe": self.meta(), "float_model": self.float_state}, self.out / FLOAT_NAME)
+
+        # ---- stage 2: QAT --------------------------------------------------------------
+        t = time.time()
+        qat = self.prepare_qat(float_model)
+        if ckpt is not None and ckpt["stage"] == "qat":
+            qat.load_state_dict(ckpt["model"])
+        elif self.dist.main:
+            ev = evaluate(qat, self.loader(self.val_set, False), self.device, "val (after prepare)",
+                          not a.no_progress)
+            self.results["after_prepare_acc"] = ev["acc"]
+            self.log(f"{a.framework} W{w}A{ab} right after prepare: val acc {ev['acc']:.2f}%")
+        qparams = quant_mod.quantizer_parameters(qat, self.spec)
+        teacher = None
+        if a.distill:
+            teacher = copy.deepcopy(float_model).eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+        self.wall["prepare"] = self.wall.get("prepare", 0.0) + time.time() - t
+        t = time.time()
+        qat = self.train_stage("qat", qat, a.epochs, a.lr, a.weight_decay, qparams,
+                               ckpt if ckpt is not None and ckpt["stage"] == "qat" else None, teacher)
+        self.wall["qat_train"] = self.wall.get("qat_train", 0.0) + time.time() - t
+        self.qat_model = qat
+        if self.dist.enabled:
+            dist.barrier()
+        if not self.dist.main:
+            return None
+        return self.finish(qat)
+
+    # ---- stage 3: convert, evaluate, report ----------------------------------------------
+    def finish(self, qat: nn.Module):
+        a = self.args
+        t = time.time()
+        val_loader = self.loader(self.val_set, False)
+        ev_q = evaluate(qat, val_loader, self.device, "val (QAT)", not a.no_progress, return_preds=True)
+        self.results["qat_acc"] = ev_q["acc"]
+        example = torch.stack([self.val_set[i][0] for i in range(min(a.latency_batch, len(self.val_set)))])
+        try:
+            int_model, artifacts = quant_mod.convert(qat, self.spec, self.out, (example,))
+        except quant_mod.QuantError as e:
+            raise RecipeError(str(e)) from e
+        self.results["artifacts"] = artifacts
+        if int_model is not None:
+            ev_i = evaluate(int_model, val_loader, torch.device("cpu"), "val (int)", not a.no_progress,
+                            return_preds=True)
+            self.results["int_acc"] = ev_i["acc"]
+            self.results["agreement"] = 100.0 * (ev_i["preds"] == ev_q["preds"]).float().mean().item()
+            n_threads = torch.get_num_threads()
+            self.results["int_latency_ms"] = quant_mod.latency_ms(int_model, example)
+            self.results["latency_setup"] = f"batch {example.shape[0]}, {a.img_size}px, CPU, {n_threads} threads"
+            self.results["float_latency_ms"] = quant_mod.latency_ms(
+                copy.deepcopy(unwrap(self.float_model)).cpu().eval(), example)
+            try:
+                path = self.out / "int_model.pt"
+                atomic_save(int_model.state_dict(), path)
+                artifacts["int_state_dict"] = str(path)
+            except Exception:  # noqa: BLE001
+                pass
+        self.results["size"] = quant_mod.model_size_bits(qat, self.spec)
+        self.results["size"]["float_model_bits"] = quant_mod.float_size_bits(self.float_model)
+        self.wall["convert_eval"] = time.time() - t
+        self.results["wall_s"] = self.wall
+        return write_report(self)
+
+
+# --------------------------------------------------------------------------------------
+# Report and plot
+# --------------------------------------------------------------------------------------
+
+def _fmt(v, unit="%"):
+    return "n/a" if v is None else f"{v:.2f}{unit}"
+
+
+def write_report(p: Pipeline) -> Dict:
+    a, r = p.args, p.results
+    w, ab = a.bits
+    fa, qa, ia = r.get("float_acc"), r.get("qat_acc"), r.get("int_acc")
+    report = {
+        "recipe": p.recipe, "command": " ".join(shlex.quote(x) for x in sys.argv),
+        "model": a.model, "framework": a.framework, "bits": f"W{w}A{ab}", "float_layers": list(p.float_layers),
+        "data": p.data.description, "train_images": len(p.train_set), "val_images": len(p.val_set),
+        "img_size": a.img_size, "float_epochs": a.float_epochs, "qat_epochs": a.epochs, "batch_size": a.batch_size,
+        "lr": a.lr, "quant_lr": a.quant_lr, "weight_decay": a.weight_decay, "distill": a.distill,
+        "processes": p.dist.world, "device": str(p.device), "seed": a.seed,
+        "float_acc": fa, "after_prepare_acc": r.get("after_prepare_acc"), "qat_acc": qa, "int_acc": ia,
+        "agreement": r.get("agreement"),
+        "qat_minus_float": None if fa is None or qa is None else qa - fa,
+        "int_minus_qat": None if ia is None or qa is None else ia - qa,
+        "size": r.get("size"), "int_latency_ms": r.get("int_latency_ms"),
+        "float_latency_ms": r.get("float_latency_ms"), "latency_setup": r.get("latency_setup"),
+        "artifacts": r.get("artifacts", {}), "wall_s": r.get("wall_s", {}),
+        "total_wall_s": time.time() - p.t0,
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+    try:
+        import timm
+        report["versions"]["timm"] = timm.__version__
+    except Exception:  # noqa: BLE001
+        pass
+    atomic_write_text(p.out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    size = report["size"] or {}
+    mb = lambda bits: f"{bits / 8 / 2 ** 20:.3f} MiB" if bits else "n/a"  # noqa: E731
+    lines = [
+        f"# {p.recipe}: {a.model} {a.framework} W{w}A{ab}", "",
+        f"- data: {report['data']} — {report['train_images']} train / {report['val_images']} val images,"
+        f" {a.img_size}px",
+        f"- schedule: {a.float_epochs} float epochs, {a.epochs} QAT epochs, batch {a.batch_size}, lr {a.lr},"
+        f" quantizer lr {a.quant_lr}, wd {a.weight_decay}{', KD from float' if a.distill else ''}",
+        f"- float layers: {', '.join(p.float_layers) or 'none (every layer quantized)'}",
+        f"- device: {report['device']}, {p.dist.world} process(es); total wall time {report['total_wall_s']:.0f} s",
+        "", "| metric | value |", "|---|---|",
+        f"| float accuracy | {_fmt(fa)} |",
+        f"| right after prepare | {_fmt(r.get('after_prepare_acc'))} |",
+        f"| QAT (fake-quant) accuracy | {_fmt(qa)} |",
+        f"| converted int accuracy | {_fmt(ia)} |",
+        f"| int vs QAT prediction agreement | {_fmt(r.get('agreement'))} |",
+        f"| QAT − float | {_fmt(report['qat_minus_float'], ' pt')} |",
+        f"| int − QAT | {_fmt(report['int_minus_qat'], ' pt')} |",
+        f"| model size (W{w} weights + 32-bit rest) | {size.get('total_bits', 0):,} bits ({mb(size.get('total_bits'))}) |",
+        f"| float model size | {size.get('float_model_bits', 0):,} bits ({mb(size.get('float_model_bits'))}) |",
+        f"| int model latency ({r.get('latency_setup', 'n/a')}) | {_fmt(r.get('int_latency_ms'), ' ms')} |",
+        f"| float model latency (same setup) | {_fmt(r.get('float_latency_ms'), ' ms')} |",
+        "", f"Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["wall_s"].items()),
+        "", f"Artifacts: " + (", ".join(f"{k}: {v}" for k, v in report["artifacts"].items()) or "none"),
+        "", "Command: `" + report["command"] + "`", "",
+    ]
+    atomic_write_text(p.out / "report.md", "\n".join(lines))
+    plot_curves(p.metrics.read(), p.out / "curves.png", f"{a.model} {a.framework} W{w}A{ab}")
+    p.log("\n".join(lines))
+    p.log(f"report: {p.out / 'report.md'}  ({p.out / 'report.json'}, {p.out / 'curves.png'},"
+          f" {p.out / 'metrics.jsonl'})")
+    return report
+
+
+def plot_curves(records: List[Dict], path: Path, title: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    xs = list(range(1, len(records) + 1))
+    labels = [f"{r['stage']}{r['epoch']}" for r in records]
+    ax1.plot(xs, [r["train_loss"] for r in records], "o-", label="train loss")
+    if any("val_loss" in r for r in records):
+        ax1.plot(xs, [r.get("val_loss", float("nan")) for r in records], "s--", label="val loss")
+    ax2.plot(xs, [r["train_acc"] for r in records], "o-", label="train acc")
+    ax2.plot(xs, [r.get("val_acc", float("nan")) for r in records], "s--", label="val acc")
+    n_float = sum(1 for r in records if r["stage"] == "float")
+    for ax in (ax1, ax2):
+        if 0 < n_float < len(records):
+            ax.axvline(n_float + 0.5, color="grey", ls=":", label="float → QAT")
+        ax.set_xticks(xs)
+        ax.set_xticklabels(labels, rotation=45, fontsize=7)
+        ax.set_xlabel("epoch (stage)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax1.set_ylabel("loss")
+    ax2.set_ylabel("accuracy (%)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------
+
+def main(argv, recipe: str, description: str, defaults: Dict, float_layers: Sequence[str] = (),
+         demo_defaults: Optional[Dict] = None) -> int:
+    parser = build_parser(description, defaults)
+    args = parser.parse_args(argv)
+    if args.demo and demo_defaults:
+        # the demo budget replaces defaults, not values given on the command line
+        given = {a.dest for a in parser._actions for s in a.option_strings if any(
+            x == s or x.startswith(s + "=") for x in (argv if argv is not None else sys.argv[1:]))}
+        for k, v in demo_defaults.items():
+            if k not in given:
+                setattr(args, k, v)
+    if args.float_layers is not None:
+        float_layers = tuple(x.strip() for x in args.float_layers.split(",") if x.strip())
+    for req in ("model", "framework", "bits", "epochs", "batch_size", "lr", "img_size", "output"):
+        if getattr(args, req) is None:
+            parser.error(f"--{req.replace('_', '-')} is required")
+    if args.float_epochs is None:
+        args.float_epochs = 0
+    if args.float_lr is None:
+        args.float_lr = args.lr
+    pipe = Pipeline(args, recipe, float_layers)
+    old = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        pipe.run()
+    except KeyboardInterrupt:
+        where = getattr(pipe, "_in_epoch", None)
+        ck = Path(args.output) / CHECKPOINT_NAME
+        msg = "interrupted" + (f" during {where[0]} epoch {where[1] + 1}" if where else "")
+        if ck.is_file():
+            msg += (f"; the last complete checkpoint {ck} is intact (written atomically). Continue with the"
+                    f" same command plus --resume")
+        else:
+            msg += "; no checkpoint was written yet (one is written at the end of every epoch)"
+        print(f"\n{msg}", file=sys.stderr, flush=True)
+        return 130
+    except (RecipeError, data_mod.DataError, models_mod.ModelError, quant_mod.QuantError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
