@@ -1,0 +1,32 @@
+"""daq_fx: Distance-aware Quantization (DAQ, ICCV 2021) for torch.ao FX graph-mode QAT.
+
+Typical use::
+
+    import timm, torch, daq_fx
+    model = timm.create_model("mobilenetv2_100", pretrained=True)
+    example = (torch.randn(1, 3, 224, 224),)
+    qat = daq_fx.prepare_qat_fx(model, daq_fx.get_daq_qat_qconfig_mapping("x86", 4, 4), example)
+    ...  # train qat (quantizer parameters: daq_fx.quantizer_parameters(qat))
+    int8 = daq_fx.convert_fx(qat.eval())
+"""
+
+from .convert import activation_grids, bake_daq_weights, bake_weight, convert_fx, insert_activation_clamps
+from .fake_quantize import ACTIVATION, WEIGHT, DAQFakeQuantize
+from .params import quantizer_parameters
+from .prepare import (
+    DAQPrepareError,
+    check_batchnorm,
+    initialize_weight_quantizers,
+    prepare_qat_fx,
+    prepare_timm_model,
+    weight_fold_factor,
+)
+from .qconfig import (
+    BACKENDS,
+    first_and_last_layer_names,
+    get_daq_backend_config,
+    get_daq_qat_qconfig_mapping,
+    get_daq_qconfig,
+)
+
+__all__ = [name for name in dir() if not name.startswith("_")]

@@ -1,0 +1,207 @@
+"""``daq_fx.convert_fx``: bake DAQ weights, lower with torch.ao, clamp sub-8-bit activations.
+
+Two facts about torch.ao's lowering make a plain ``convert_fx`` silently wrong for DAQ
+(INTEGRATION-NOTES, torch.ao FX):
+
+1. Weights are quantized from the *float* weight with ``round(W / scale)`` and no clamp,
+   not through the fake-quant forward. DAQ standardises and clips, so the weights are
+   first *baked*: ``W ← fq(W · f) / f`` (``f`` the BN fold factor of ConvBn modules,
+   1 otherwise) and the weight fake-quant is switched off. BN folding then reproduces
+   ``fq(W · f)`` to ~1 ulp and ``round`` lands exactly on the odd-integer grid.
+2. Lowered int8 kernels saturate at 0..255, not at the fake-quant's ``quant_max = 2^b - 1``.
+   With ``exact=True`` a quantized ``clamp`` is inserted after every op that produces new
+   quantized values (its output qparams differ from its inputs'), restoring the
+   fake-quant's clip at ``u``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import fx, nn
+from torch.ao.quantization import quantize_fx as _quantize_fx
+
+from .fake_quantize import DAQFakeQuantize
+from .prepare import _fold_shape, weight_fold_factor
+from .qconfig import get_daq_backend_config
+
+__all__ = ["bake_weight", "bake_daq_weights", "convert_fx", "insert_activation_clamps", "activation_grids"]
+
+
+@torch.no_grad()
+def bake_weight(fake_quant: DAQFakeQuantize, weight: torch.Tensor,
+                fold_factor: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The float weight that any ``round(W f / scale)`` lowering turns into DAQ's integers.
+
+    Returns ``fq(W · f) / f`` (``f`` reshaped to broadcast on the output-channel axis, or 1).
+    Framework-neutral: the FX convert below and a pt2e flow use the same function.
+
+    Raises:
+        ValueError: if ``f`` is zero in some channel (zero BN γ): the fold cannot be undone.
+    """
+    if not isinstance(fake_quant, DAQFakeQuantize) or not fake_quant.is_weight:
+        raise TypeError(f"fake_quant must be a weight DAQFakeQuantize, got {fake_quant!r}")
+    if fold_factor is None:
+        return fake_quant(weight).detach()
+    if bool((fold_factor == 0).any()):
+        raise ValueError("fold_factor (BatchNorm gamma / sqrt(var + eps)) is zero in some channel: the baked"
+                         " weight would be inf. Re-initialise the BatchNorm gamma (timm: zero_init_last=False).")
+    return (fake_quant(weight * fold_factor) / fold_factor).detach()
+
+
+@torch.no_grad()
+def bake_daq_weights(model: nn.Module) -> List[str]:
+    """Write DAQ's fake-quantized weights into every module with a DAQ ``weight_fake_quant``.
+
+    For fused ConvBn QAT modules the BN fold factor ``γ / sqrt(running_var + eps)`` is taken into
+    account; the fake-quant is then disabled (observer too), so the QAT model's eval output is
+    unchanged (up to ~1 ulp) and torch.ao's convert quantizes exactly onto the grid.
+    Modules are modified in place.
+
+    Returns:
+        The names of the baked modules.
+    """
+    baked = []
+    for name, module in model.named_modules():
+        fq = getattr(module, "weight_fake_quant", None)
+        if not isinstance(fq, DAQFakeQuantize) or fq.fake_quant_enabled[0] == 0:
+            continue
+        factor = weight_fold_factor(module)
+        if factor is not None:
+            if bool((factor == 0).any()):
+                raise ValueError(f"module {name!r}: BatchNorm gamma is zero in some channel, the folded weight cannot"
+                                 " be baked. Re-initialise gamma (timm: zero_init_last=False) and retrain.")
+            factor = factor.reshape(_fold_shape(module, module.weight))
+        if fq.initialized[0] == 0:
+            fq.initialize(module.weight if factor is None else module.weight * factor)
+        module.weight.copy_(bake_weight(fq, module.weight, factor))
+        fq.disable_fake_quant()
+        fq.disable_observer()
+        baked.append(name)
+    return baked
+
+
+def activation_grids(model: nn.Module) -> List[Tuple[float, int, int]]:
+    """``(scale, zero_point, quant_max)`` of every DAQ activation quantizer in a prepared model."""
+    grids = []
+    for module in model.modules():
+        if isinstance(module, DAQFakeQuantize) and not module.is_weight and module.fake_quant_enabled[0] == 1:
+            scale, zero_point = module.calculate_qparams()
+            grids.append((float(scale.item()), int(zero_point.item()), module.quant_max))
+    return grids
+
+
+class _QParamsRecorder(fx.Interpreter):
+    def __init__(self, module):
+        super().__init__(module)
+        self.qparams: Dict[fx.Node, Tuple[float, int]] = {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor) and out.is_quantized and out.qscheme() == torch.per_tensor_affine:
+            self.qparams[n] = (float(out.q_scale()), int(out.q_zero_point()))
+        return out
+
+
+def _find_grid(grids, scale: float, zero_point: int) -> Optional[int]:
+    for g_scale, g_zero_point, quant_max in grids:
+        if g_zero_point == zero_point and abs(g_scale - scale) <= 1e-6 * abs(g_scale):
+            return quant_max
+    return None
+
+
+def insert_activation_clamps(converted: fx.GraphModule, grids, example_inputs: Tuple[Any, ...],
+                             contiguous: bool = False) -> int:
+    """Insert ``torch.clamp`` after every op whose quantized output lies on a sub-8-bit DAQ grid.
+
+    Which ops: those whose output (scale, zero point) differs from those of all their quantized
+    inputs (quantize_per_tensor, conv, linear, add, mul, hardswish, ...), found by running
+    ``example_inputs`` through ``converted``; ops that only move or pool values keep them in range.
+    The clamp bounds are the grid's codes ``0`` and ``quant_max`` (±¼ step of margin against
+    float rounding; the quantized clamp re-rounds them to those codes).
+
+    Returns:
+        The number of clamps inserted.
+    """
+    recorder = _QParamsRecorder(converted)
+    with torch.no_grad():
+        recorder.run(*example_inputs)
+    graph = converted.graph
+    targets = []
+    for node in graph.nodes:   # decide on the unmodified graph
+        if node not in recorder.qparams:
+            continue
+        scale, zero_point = recorder.qparams[node]
+        quant_max = _find_grid(grids, scale, zero_point)
+        if quant_max is None or quant_max >= 255:
+            continue
+        inputs = [a for a in node.all_input_nodes if a in recorder.qparams]
+        if any(recorder.qparams[a] == (scale, zero_point) for a in inputs):
+            continue
+        targets.append((node, scale, zero_point, quant_max))
+    count = 0
+    for node, scale, zero_point, quant_max in targets:
+        users = list(node.users)
+        with graph.inserting_after(node):
+            source = node
+            if contiguous:
+                source = graph.call_method("contiguous", (node,))
+            with graph.inserting_after(source):
+                clamp = graph.call_function(torch.clamp, (source,), {
+                    "min": (-zero_point - 0.25) * scale, "max": (quant_max - zero_point + 0.25) * scale})
+        for user in users:
+            user.replace_input_with(node, clamp)
+        count += 1
+    graph.lint()
+    converted.recompile()
+    return count
+
+
+def convert_fx(graph_module: fx.GraphModule, convert_custom_config=None, _remove_qconfig: bool = True,
+               qconfig_mapping=None, backend_config=None, *, exact: bool = True,
+               example_inputs: Optional[Tuple[Any, ...]] = None, inplace: bool = False) -> fx.GraphModule:
+    """Same signature as ``torch.ao.quantization.quantize_fx.convert_fx``, plus DAQ's bake and clamps.
+
+    Args:
+        graph_module: a model from :func:`daq_fx.prepare_qat_fx` (or the stock prepare with a DAQ
+            qconfig mapping; then pass ``backend_config`` and ``example_inputs``).
+        exact: insert quantized clamps so that the int8 model reproduces the fake-quant model
+            (``x86``/``fbgemm``: to float rounding). ``exact=False`` skips them: faster, but a
+            sub-8-bit activation above its learned upper bound ``u`` is then clipped only at code
+            255 — **not exact** (outputs differ from the QAT model).
+        example_inputs: inputs used to find the ops to clamp (default: those given to prepare).
+        inplace: bake into ``graph_module`` itself (default: into a deep copy; the QAT model is
+            left untouched).
+
+    Returns:
+        The lowered int8 model (call ``.eval()``-mode only).
+    """
+    if not isinstance(graph_module, fx.GraphModule):
+        raise TypeError(f"graph_module must be a prepared torch.fx.GraphModule, got {type(graph_module).__name__}")
+    meta = getattr(graph_module, "meta", {})
+    backend = meta.get("daq_backend", "x86")
+    if backend_config is None:
+        backend_config = meta.get("daq_backend_config") or get_daq_backend_config(backend)
+    if example_inputs is None:
+        example_inputs = meta.get("daq_example_inputs")
+    if exact and example_inputs is None:
+        raise ValueError("convert_fx(exact=True) needs example_inputs to find the ops to clamp: pass"
+                         " example_inputs=(x,), prepare with daq_fx.prepare_qat_fx, or use exact=False")
+    model = graph_module if inplace else copy.deepcopy(graph_module)
+    was_training = model.training
+    model.eval()
+    bake_daq_weights(model)
+    grids = activation_grids(model)
+    converted = _quantize_fx.convert_fx(model, convert_custom_config=convert_custom_config,
+                                        _remove_qconfig=_remove_qconfig, qconfig_mapping=qconfig_mapping,
+                                        backend_config=backend_config)
+    converted.meta["daq_backend"] = backend
+    converted.meta["daq_activation_clamps"] = 0
+    if exact:
+        converted.meta["daq_activation_clamps"] = insert_activation_clamps(
+            converted, grids, tuple(example_inputs), contiguous=(backend == "qnnpack"))
+    if inplace and was_training:
+        model.train()
+    return converted.eval()

@@ -1,0 +1,287 @@
+"""DAQ as a torch.ao ``FakeQuantizeBase``: one module for weights and activations.
+
+A thin adapter over :mod:`daq_core`; the numerics (normalisation of Eq. 1, DASR of
+Eqs. 4-11, the weight grid of Eq. 2 with the layer scale of Eq. 3) live there.
+What this module adds is what torch.ao needs around them: learned parameters with
+fixed shapes once initialised, first-batch initialisation, the standard
+``enable_fake_quant`` / ``disable_observer`` switches, and a ``calculate_qparams``
+that describes *exactly* the integer grid the forward pass fake-quantizes to.
+
+Weights (DAQ-SPEC §3, §5)::
+
+    ŵ = (W - mean W) / std W                       (constants; per tensor or per output channel)
+    t = clamp((ŵ - l) / Δ, 0, n),   Δ = (u - l) / n,   n = 2^b - 1               (Eq. 1)
+    W_q = s · (2 DASR(t) - n) / n                                                (Eqs. 2-3)
+
+  i.e. the odd integers ``k ∈ {-n, -n+2, …, n}`` times the step ``|s| / n``, zero point 0
+  (``qint8``, ``quant_min = -n``, ``quant_max = n``; int8 holds them up to 7 bits).
+
+Activations (DAQ-SPEC §4), natural units, integer-aligned zero point::
+
+    A_q = l' + Δ · DASR(clamp((A - l') / Δ, 0, n)),   l' = -zp · Δ,   zp = clamp(round(-l / Δ), 0, n)
+
+  i.e. ``quint8`` codes ``0 … n`` with scale ``Δ`` and zero point ``zp``; ``l = 0`` is fixed
+  for inputs that are never negative (ReLU-like), decided on the first batch unless
+  ``signed`` is given.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+from torch.ao.quantization import FakeQuantizeBase
+
+import daq_core
+from daq_core import (
+    DEFAULT_ACT_SIGMA,
+    DEFAULT_GAMMA,
+    DEFAULT_WEIGHT_SIGMA,
+    MAX_INT8_WEIGHT_BITS,
+    check_bits,
+    check_positive,
+    num_levels,
+)
+
+__all__ = ["DAQFakeQuantize", "WEIGHT", "ACTIVATION"]
+
+WEIGHT = "weight"
+ACTIVATION = "activation"
+
+#: Smallest quantization step reported to torch.ao (``eps`` of its observers).
+_EPS = float(torch.finfo(torch.float32).eps)
+
+# value of the ``signed`` buffer before the first batch decided it
+_SIGNED_AUTO, _UNSIGNED, _SIGNED = -1, 0, 1
+
+
+class DAQFakeQuantize(FakeQuantizeBase):
+    """Distance-aware fake quantization (DAQ, ICCV 2021) for torch.ao QAT.
+
+    Args:
+        role: ``"weight"`` or ``"activation"``.
+        bits: bit-width ``b`` (weights 1..7: the odd-integer grid ±(2^b - 1) must fit int8;
+            activations 1..8).
+        ch_axis: weights only: the output-channel axis for per-channel bounds, output scale
+            and standardisation (``0`` for conv/linear), or ``None`` for one set per tensor
+            (the paper's per-layer form).
+        signed: activations only: ``False`` fixes ``l = 0`` (inputs after ReLU), ``True``
+            learns both bounds, ``None`` (default) decides on the first batch (``min >= 0``
+            means unsigned).
+        factory_kwargs: torch.ao passes ``{"device": ..., "dtype": ...}``; the device is used.
+        gamma: ``γ`` of the adaptive temperature (Eq. 7); paper: 2.
+        sigma: ``σ`` of the Gaussian kernel; paper: 1 for weights, 2 for activations (default
+            by role).
+        num_std: activations: first-batch bounds at ``num_std`` standard deviations (DAQ-SPEC §4: 3).
+
+    Learned parameters (``nn.Parameter``, give them their own optimizer group, e.g. Adam
+    lr 1e-4 without weight decay, DAQ-SPEC §6): ``lower_bound`` and ``upper_bound``
+    (``l, u`` of Eq. 1) and, for weights, ``output_scale`` (``s`` of Eq. 3). Per-channel
+    parameters take their final shape at initialisation (``daq_fx.prepare_qat_fx`` does
+    that before returning, so an optimizer may be built right away) and
+    ``load_state_dict`` resizes them to the saved shape.
+
+    Example:
+        >>> fq = DAQFakeQuantize(role="weight", bits=2, ch_axis=0)
+        >>> w = torch.randn(8, 4)
+        >>> wq = fq(w)
+        >>> scale, zero_point = fq.calculate_qparams()
+        >>> k = torch.round(wq / scale[:, None])  # odd integers in [-3, 3]
+        >>> bool(((k.abs() <= 3) & (k.remainder(2) == 1)).all())
+        True
+    """
+
+    lower_bound: nn.Parameter
+    upper_bound: nn.Parameter
+    initialized: torch.Tensor
+    signed: torch.Tensor
+
+    def __init__(self, role: str = ACTIVATION, bits: int = 4, ch_axis: Optional[int] = None,
+                 signed: Optional[bool] = None, gamma: float = DEFAULT_GAMMA, sigma: Optional[float] = None,
+                 num_std: float = 3.0, factory_kwargs: Optional[dict] = None) -> None:
+        super().__init__()
+        device = (factory_kwargs or {}).get("device")
+        if role not in (WEIGHT, ACTIVATION):
+            raise ValueError(f"role must be 'weight' or 'activation', got {role!r}")
+        self.role = role
+        if role == WEIGHT:
+            self.bits = check_bits(bits, "weight bits", MAX_INT8_WEIGHT_BITS)
+            if signed is not None:
+                raise ValueError("signed applies to activations only: DAQ weights are always symmetric (Eq. 2)")
+        else:
+            self.bits = check_bits(bits, "activation bits")
+            if ch_axis is not None:
+                raise ValueError("ch_axis applies to weights only: integer backends quantize activations per tensor;"
+                                 " pass ch_axis=None for activations")
+        if ch_axis is not None and (isinstance(ch_axis, bool) or not isinstance(ch_axis, int)):
+            raise TypeError(f"ch_axis must be an int or None, got {ch_axis!r}")
+        if signed is not None and not isinstance(signed, bool):
+            raise TypeError(f"signed must be True, False or None (decide on the first batch), got {signed!r}")
+        self.ch_axis = ch_axis
+        self.gamma = check_positive(gamma, "gamma")
+        default_sigma = DEFAULT_WEIGHT_SIGMA if role == WEIGHT else DEFAULT_ACT_SIGMA
+        self.sigma = check_positive(default_sigma if sigma is None else sigma, "sigma")
+        self.num_std = check_positive(num_std, "num_std")
+        n = num_levels(self.bits)
+        self.is_dynamic = False
+        if role == WEIGHT:
+            self.dtype = torch.qint8
+            self.qscheme = torch.per_channel_symmetric if ch_axis is not None else torch.per_tensor_symmetric
+            self.quant_min, self.quant_max = -n, n
+            lower, upper = -3.0, 3.0                       # DAQ-SPEC §3: l = -3, u = 3 on ŵ
+        else:
+            self.dtype = torch.quint8
+            self.qscheme = torch.per_tensor_affine
+            self.quant_min, self.quant_max = 0, n
+            lower, upper = (0.0 if not signed else -1.0), 1.0   # replaced on the first batch
+        self.lower_bound = nn.Parameter(torch.tensor([lower], device=device))
+        self.upper_bound = nn.Parameter(torch.tensor([upper], device=device))
+        if role == WEIGHT:
+            self.output_scale = nn.Parameter(torch.tensor([1.0], device=device))
+        self.register_buffer("initialized", torch.tensor([0], dtype=torch.uint8, device=device))
+        state = _SIGNED_AUTO if signed is None else (_SIGNED if signed else _UNSIGNED)
+        self.register_buffer("signed", torch.tensor([state], dtype=torch.int8, device=device))
+        # torch.ao reads quant_min / quant_max / eps of a fake-quant's observer for its
+        # backend-constraint checks; DAQ has no observer, this records the same numbers.
+        self.activation_post_process = SimpleNamespace(
+            quant_min=self.quant_min, quant_max=self.quant_max, eps=_EPS, dtype=self.dtype, qscheme=self.qscheme)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_levels(self) -> int:
+        """``n = 2^b - 1`` (Eq. 1)."""
+        return num_levels(self.bits)
+
+    @property
+    def is_weight(self) -> bool:
+        return self.role == WEIGHT
+
+    @property
+    def is_unsigned(self) -> bool:
+        """Activations with ``l = 0`` fixed (decided on the first batch when ``signed=None``)."""
+        return (not self.is_weight) and int(self.signed.item()) == _UNSIGNED
+
+    # ------------------------------------------------------------------ initialisation
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """First-batch initialisation (DAQ-SPEC §3-5).
+
+        Weights: ``l = -3``, ``u = 3`` on the standardised weight (one per output channel
+        when ``ch_axis`` is set) and the output scale ``s`` by least squares
+        (:func:`daq_core.init_weight_scale`), so that ``s · w_q`` starts as the grid point
+        closest to ``W``. Activations: ``l = 0, u = 3 std`` when the batch is never negative
+        (or ``signed=False``), else ``±3 std`` (:func:`daq_core.init_activation_bounds`).
+        """
+        x = x.detach()
+        if self.is_weight:
+            channels = 1 if self.ch_axis is None else x.shape[self.ch_axis]
+            device = x.device
+            lower = torch.full((channels,), -3.0, device=device)
+            upper = torch.full((channels,), 3.0, device=device)
+            scale = daq_core.init_weight_scale(x, lower if channels > 1 else lower[0],
+                                               upper if channels > 1 else upper[0], self.bits,
+                                               self.ch_axis if channels > 1 else None)
+            self._set_param("lower_bound", lower)
+            self._set_param("upper_bound", upper)
+            self._set_param("output_scale", scale.reshape(channels).float())
+        else:
+            if int(self.signed.item()) == _SIGNED_AUTO:
+                self.signed.fill_(_SIGNED if bool((x < 0).any()) else _UNSIGNED)
+            lower, upper = daq_core.init_activation_bounds(x, signed=not self.is_unsigned, num_std=self.num_std)
+            self._set_param("lower_bound", lower.reshape(1).float())
+            self._set_param("upper_bound", upper.reshape(1).float())
+        self.initialized.fill_(1)
+
+    def _set_param(self, name: str, value: torch.Tensor) -> None:
+        current = getattr(self, name)
+        if current.shape == value.shape:
+            current.data.copy_(value.to(current.dtype))
+        else:  # first per-channel initialisation or loading a per-channel state: take the new shape
+            setattr(self, name, nn.Parameter(value.detach().clone().to(current.device, current.dtype),
+                                             requires_grad=current.requires_grad))
+
+    # ------------------------------------------------------------------ grid
+    def activation_grid(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The bounds ``(l', u')`` the activation forward uses: integer-aligned zero point.
+
+        ``Δ = (u - l)/n``; ``zp = clamp(round(-l/Δ), 0, n)``; ``l' = -zp Δ`` (straight-through
+        to ``l``) and ``u' = l' + (u - l)``. Unsigned: ``l' = 0``, ``u' = u``.
+        """
+        n = self.num_levels
+        if self.is_unsigned:
+            upper = self.upper_bound
+            return torch.zeros_like(upper).detach(), upper
+        lower, upper = self.lower_bound, self.upper_bound
+        step = (upper - lower) / n
+        zero_point = torch.clamp(torch.round(-lower.detach() / step.detach()), 0, n)
+        aligned = lower + (-zero_point * step.detach() - lower).detach()
+        return aligned, aligned + (upper - lower)
+
+    @torch.no_grad()
+    def calculate_qparams(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero_point)`` of the integer grid of the forward pass.
+
+        Weights: ``scale = |s| / n`` (per channel if ``ch_axis``), ``zero_point = 0``; the
+        fake-quantized weight equals ``scale · k`` with ``k`` odd in ``[-n, n]``.
+        Activations: ``scale = Δ = (u' - l')/n``, ``zero_point = -l'/Δ`` (an integer in ``[0, n]``).
+        """
+        if self.is_weight:
+            scale = (self.output_scale.detach().abs() / self.num_levels).float().clamp_min(_EPS)
+            if self.ch_axis is None:
+                scale = scale.reshape(1)
+            return scale, torch.zeros(scale.shape, dtype=torch.int64, device=scale.device)
+        lower, upper = self.activation_grid()
+        step = ((upper - lower) / self.num_levels).float().clamp_min(_EPS)
+        zero_point = torch.clamp(torch.round(-lower / step), 0, self.num_levels).to(torch.int64)
+        return step.reshape(1), zero_point.reshape(1)
+
+    def integers(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer codes of ``forward(x)``: ``round(forward(x) / scale) + zero_point``.
+
+        Weights: odd integers in ``[-n, n]``; activations: ``0 … n``.
+        """
+        with torch.no_grad():
+            y = self(x)
+            scale, zero_point = self.calculate_qparams()
+            if self.is_weight and self.ch_axis is not None:
+                shape = [1] * y.dim()
+                shape[self.ch_axis] = -1
+                scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+            return (torch.round(y / scale) + zero_point).to(torch.int32)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer_enabled[0] == 1 and self.initialized[0] == 0:
+            self.initialize(x)
+        if self.fake_quant_enabled[0] == 0:
+            return x
+        if self.is_weight:
+            return daq_core.fake_quantize_weight(x, self.lower_bound, self.upper_bound, self.output_scale, self.bits,
+                                                 self.gamma, self.sigma, ch_axis=self._param_axis(),
+                                                 standardize_input=True)
+        lower, upper = self.activation_grid()
+        return daq_core.daq_fake_quantize(x, lower, upper, self.bits, lower, (upper - lower) / self.num_levels,
+                                          self.gamma, self.sigma)
+
+    def _param_axis(self) -> Optional[int]:
+        return self.ch_axis if self.lower_bound.numel() > 1 or self.ch_axis is not None else None
+
+    # ------------------------------------------------------------------ state
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        for name in ("lower_bound", "upper_bound", "output_scale"):
+            key = prefix + name
+            if key in state_dict and hasattr(self, name) and getattr(self, name).shape != state_dict[key].shape:
+                self._set_param(name, state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        text = f"role={self.role}, bits={self.bits}, gamma={self.gamma}, sigma={self.sigma}"
+        if self.is_weight:
+            text += f", ch_axis={self.ch_axis}"
+        else:
+            text += f", signed={ {-1: 'auto', 0: False, 1: True}[int(self.signed.item())] }"
+        return text + f", dtype={self.dtype}, quant_min={self.quant_min}, quant_max={self.quant_max}"

@@ -1,0 +1,38 @@
+"""Parameter groups: DAQ's quantizer parameters apart from the network's own (DAQ-SPEC §6)."""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+from torch import nn
+
+from .fake_quantize import DAQFakeQuantize
+
+__all__ = ["quantizer_parameters"]
+
+
+def quantizer_parameters(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
+    """Split ``model.parameters()`` into DAQ quantizer parameters and the rest.
+
+    The quantizer parameters are the bounds ``l, u`` (Eq. 1) and weight output scales ``s``
+    (Eq. 3) of every :class:`DAQFakeQuantize`; the paper trains them with Adam, lr 1e-4 and
+    no weight decay, the network with SGD (DAQ-SPEC §6).
+
+    Returns:
+        ``(quantizer_params, other_params)``, each without duplicates.
+
+    Example:
+        >>> quant, rest = quantizer_parameters(prepared)            # doctest: +SKIP
+        >>> optimizer = torch.optim.SGD([{"params": rest, "lr": 5e-3, "momentum": 0.9},
+        ...                              {"params": quant, "lr": 1e-4, "weight_decay": 0}])  # doctest: +SKIP
+    """
+    quant_ids = set()
+    quant: List[nn.Parameter] = []
+    for module in model.modules():
+        if isinstance(module, DAQFakeQuantize):
+            for p in module.parameters(recurse=False):
+                if id(p) not in quant_ids:
+                    quant_ids.add(id(p))
+                    quant.append(p)
+    rest = [p for p in model.parameters() if id(p) not in quant_ids]
+    return quant, rest

@@ -1,0 +1,257 @@
+"""``daq_fx.prepare_qat_fx``: torch.ao's ``prepare_qat_fx`` plus what timm models and DAQ need.
+
+Before tracing (INTEGRATION-NOTES, "timm under FX"):
+
+* timm's ``BatchNormAct2d`` is traced through into ``F.batch_norm(..., training=True)``
+  with the flag frozen (eval would use batch statistics, Conv+BN would not fuse): it is
+  replaced by a ``BatchNorm2d`` followed by its activation.
+* ``ReLU6`` becomes ``ReLU`` so Conv-BN-ReLU fuses and the activation quantizer after it is
+  unsigned; the clip at 6 is taken over by the quantizer's learned upper bound ``u``.
+* BatchNorm with a zero ``γ`` (timm's ``zero_init_last``) or without running statistics
+  is rejected with a message naming the module.
+
+After tracing: dropout shares its input's qparams (see :func:`get_daq_backend_config`) and
+every DAQ weight quantizer is initialised from its (BN-folded) weight, so that per-channel
+parameters have their final shapes and an optimizer can be built right away.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import traceback
+from collections import OrderedDict
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.ao.quantization import QConfigMapping
+from torch.ao.quantization import quantize_fx as _quantize_fx
+
+from .fake_quantize import DAQFakeQuantize
+from .qconfig import get_daq_backend_config
+
+__all__ = ["prepare_qat_fx", "prepare_timm_model", "check_batchnorm", "initialize_weight_quantizers",
+           "weight_fold_factor", "DAQPrepareError"]
+
+
+class DAQPrepareError(RuntimeError):
+    """A model that cannot be traced or quantized; the message names the module and what to do."""
+
+
+# --------------------------------------------------------------------------------------
+# model surgery before tracing
+# --------------------------------------------------------------------------------------
+
+def _batchnorm_act_classes():
+    try:
+        from timm.layers import BatchNormAct2d
+    except ImportError:  # pragma: no cover - timm is a dependency, but keep torch-only models working
+        return ()
+    return (BatchNormAct2d,)
+
+
+def _plain_batchnorm(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    plain = nn.BatchNorm2d(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                           track_running_stats=bn.track_running_stats)
+    plain.load_state_dict(nn.BatchNorm2d.state_dict(bn), strict=True)
+    plain.train(bn.training)
+    return plain.to(next(iter(bn.state_dict().values())).device) if bn.state_dict() else plain
+
+
+def prepare_timm_model(model: nn.Module, relu6_to_relu: bool = True) -> nn.Module:
+    """Rewrite (in place) what torch.ao FX cannot quantize correctly in timm models.
+
+    * ``BatchNormAct2d(bn, drop, act)`` → ``Sequential(bn=BatchNorm2d, [drop], [act])``.
+    * ``ReLU6`` → ``ReLU`` when ``relu6_to_relu`` (Conv-BN-ReLU fuses; unsigned quantizer).
+
+    Returns the same model object.
+    """
+    bn_act = _batchnorm_act_classes()
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            replacement = None
+            if bn_act and isinstance(child, bn_act):
+                parts = OrderedDict(bn=_plain_batchnorm(child))
+                if not isinstance(child.drop, nn.Identity):
+                    parts["drop"] = child.drop
+                act = child.act
+                if relu6_to_relu and isinstance(act, nn.ReLU6):
+                    act = nn.ReLU(inplace=act.inplace)
+                if not isinstance(act, nn.Identity):
+                    parts["act"] = act
+                replacement = nn.Sequential(parts)
+            elif relu6_to_relu and type(child) is nn.ReLU6:
+                replacement = nn.ReLU(inplace=child.inplace)
+            if replacement is not None:
+                setattr(parent, child_name, replacement)
+    return model
+
+
+def check_batchnorm(model: nn.Module) -> None:
+    """Reject BatchNorm layers that break Conv-BN QAT, naming them.
+
+    * ``γ = 0`` in any channel: the BN-folded weight ``W γ / sqrt(var + eps)`` is zero,
+      the weight quantizer has nothing to standardise and convert fails ("zero_point
+      -2147483648 is below lower bound"). timm's ResNet/RegNet zero-initialise the last BN of
+      every block (``zero_init_last=True``) when created without pretrained weights.
+    * no running statistics (``track_running_stats=False``): eval would use batch statistics.
+    """
+    zero, no_stats = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if module.affine and module.weight is not None and bool((module.weight.detach() == 0).any()):
+                zero.append(name)
+            if module.running_var is None:
+                no_stats.append(name)
+    if zero:
+        shown = ", ".join(repr(n) for n in zero[:5]) + (f" and {len(zero) - 5} more" if len(zero) > 5 else "")
+        raise ValueError(
+            f"BatchNorm {shown} has weight (gamma) = 0 in some channel: the BN-folded weight is zero there,"
+            " which DAQ cannot standardise and torch.ao cannot convert. This is timm's zero_init_last"
+            " initialisation of randomly initialised ResNet/RegNet models. Load pretrained weights, create the"
+            " model with zero_init_last=False, or re-initialise the gamma "
+            "(e.g. nn.init.ones_(bn.weight)) before daq_fx.prepare_qat_fx.")
+    if no_stats:
+        raise ValueError(
+            f"BatchNorm {no_stats[0]!r} has track_running_stats=False: in eval it would normalise with batch"
+            " statistics, so outputs depend on the batch and it cannot be folded into the convolution."
+            " Use track_running_stats=True.")
+
+
+# --------------------------------------------------------------------------------------
+# weight quantizer initialisation (shared with bake)
+# --------------------------------------------------------------------------------------
+
+def weight_fold_factor(module: nn.Module) -> Optional[torch.Tensor]:
+    """``γ / sqrt(running_var + eps)`` for fused ConvBn QAT modules (the BN fold), else ``None``.
+
+    torch.ao's ConvBn QAT modules fake-quantize ``W · factor`` (reshaped on the output axis).
+    """
+    bn = getattr(module, "bn", None)
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not hasattr(module, "weight_fake_quant"):
+        return None
+    running_std = torch.sqrt(bn.running_var + bn.eps)
+    return bn.weight / running_std if bn.weight is not None else 1.0 / running_std
+
+
+def _fold_shape(module: nn.Module, weight: torch.Tensor):
+    shape = [1] * weight.dim()
+    axis = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+    shape[axis] = -1
+    return shape
+
+
+def folded_weight(module: nn.Module) -> torch.Tensor:
+    """The weight torch.ao feeds to ``module.weight_fake_quant`` (BN-folded for ConvBn modules)."""
+    factor = weight_fold_factor(module)
+    if factor is None:
+        return module.weight
+    return module.weight * factor.reshape(_fold_shape(module, module.weight))
+
+
+@torch.no_grad()
+def initialize_weight_quantizers(model: nn.Module) -> int:
+    """Initialise every DAQ weight quantizer of a prepared model from its (BN-folded) weight.
+
+    Gives per-channel parameters their final shapes (build the optimizer after this).
+    Quantizers already initialised (e.g. loaded from a state_dict) are left alone.
+
+    Returns:
+        How many quantizers were initialised.
+    """
+    count = 0
+    for module in model.modules():
+        fq = getattr(module, "weight_fake_quant", None)
+        if isinstance(fq, DAQFakeQuantize) and fq.initialized[0] == 0:
+            fq.initialize(folded_weight(module))
+            count += 1
+    return count
+
+
+# --------------------------------------------------------------------------------------
+# tracing errors that name the module
+# --------------------------------------------------------------------------------------
+
+def _failing_module(model: nn.Module, tb) -> Optional[Tuple[str, nn.Module]]:
+    names = {id(m): name for name, m in model.named_modules()}
+    found = None
+    for frame, _ in traceback.walk_tb(tb):
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, nn.Module) and id(candidate) in names:
+            found = (names[id(candidate)], candidate)
+    return found
+
+
+def _explain_trace_error(model: nn.Module, error: BaseException) -> Optional[DAQPrepareError]:
+    found = _failing_module(model, error.__traceback__)
+    if found is None:
+        return None
+    name, module = found
+    label = f"{name!r} ({type(module).__name__})" if name else f"the model's own forward ({type(module).__name__})"
+    hint = (f"PrepareCustomConfig().set_non_traceable_module_names([{name!r}])" if name else
+            "PrepareCustomConfig().set_non_traceable_module_classes([...]) for the offending submodule")
+    return DAQPrepareError(
+        f"torch.fx could not trace module {label}: {type(error).__name__}: {error}\n"
+        f"What to do: keep that module in float and let the rest be quantized by passing"
+        f" prepare_custom_config={hint} to daq_fx.prepare_qat_fx, or rewrite its forward without"
+        f" data-dependent Python control flow (if/for on tensor values, .item(), shape asserts on"
+        f" proxies).")
+
+
+# --------------------------------------------------------------------------------------
+# the drop-in
+# --------------------------------------------------------------------------------------
+
+def prepare_qat_fx(model: nn.Module, qconfig_mapping: QConfigMapping | Dict[str, Any],
+                   example_inputs: Tuple[Any, ...], prepare_custom_config=None, backend_config=None, *,
+                   backend: Optional[str] = None, prepare_timm: bool = True, relu6_to_relu: bool = True,
+                   inplace: bool = False) -> torch.fx.GraphModule:
+    """Same signature as ``torch.ao.quantization.quantize_fx.prepare_qat_fx``, plus DAQ/timm preparation.
+
+    Args:
+        model: a float model in train mode.
+        qconfig_mapping: usually :func:`daq_fx.get_daq_qat_qconfig_mapping`.
+        example_inputs: a tuple of inputs (used for tracing and kept for ``convert_fx(exact=True)``).
+        prepare_custom_config, backend_config: as in torch.ao. ``backend_config=None`` uses torch's
+            config for the backend with dropout sharing its input's qparams.
+        backend: ``"x86"``, ``"fbgemm"`` or ``"qnnpack"``; default: the one the mapping was made for.
+        prepare_timm: replace ``BatchNormAct2d`` (and ``ReLU6`` if ``relu6_to_relu``) first.
+        inplace: modify ``model`` (default: work on a deep copy).
+
+    Returns:
+        The prepared ``GraphModule`` with DAQ weight quantizers initialised.
+
+    Raises:
+        ValueError: zero-γ BatchNorm, BatchNorm without running statistics (names the module).
+        DAQPrepareError: the model cannot be traced (names the module and what to do).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(example_inputs, tuple):
+        raise TypeError("example_inputs must be a tuple of inputs, e.g. (torch.randn(1, 3, 224, 224),);"
+                        f" got {type(example_inputs).__name__}")
+    backend = backend or getattr(qconfig_mapping, "daq_backend", "x86")
+    if not inplace:
+        model = copy.deepcopy(model)
+    if prepare_timm:
+        prepare_timm_model(model, relu6_to_relu=relu6_to_relu)
+    check_batchnorm(model)
+    if backend_config is None:
+        backend_config = get_daq_backend_config(backend)
+    model.train()
+    try:
+        prepared = _quantize_fx.prepare_qat_fx(model, qconfig_mapping, example_inputs,
+                                               prepare_custom_config=prepare_custom_config,
+                                               backend_config=backend_config)
+    except Exception as error:  # re-raised as is unless we can name the failing module
+        explained = _explain_trace_error(model, error)
+        if explained is None:
+            raise
+        raise explained.with_traceback(None) from error
+    initialize_weight_quantizers(prepared)
+    prepared.meta["daq_backend"] = backend
+    prepared.meta["daq_backend_config"] = backend_config
+    prepared.meta["daq_example_inputs"] = tuple(x.detach().clone() if isinstance(x, torch.Tensor) else x
+                                                for x in example_inputs)
+    return prepared
