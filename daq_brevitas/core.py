@@ -245,7 +245,7 @@ class _BitWidthRecordMixin(_IgnoreMissingKeysMixin):
         key = prefix + "bits"
         if key in state_dict:
             saved = int(torch.as_tensor(state_dict[key]).item())
-            if saved != int(self.bits.item()):
+            if saved != self.int_quant.bits:
                 raise ValueError(
                     f"checkpoint entry '{key}' was saved with {self._bit_width_arg}={saved}, but this "
                     f"{type(self).__name__} is built with {self._bit_width_arg}={int(self.bits.item())}; "
@@ -284,9 +284,9 @@ class DAQWeightTensorQuant(_BitWidthRecordMixin, nn.Module):
         self.msb_clamp_bit_width_impl = bit_width_impl
         self.int_scaling_impl = int_scaling_impl if int_scaling_impl is not None else IntScaling(False, True)
         self.observer_only = False
-        bits = int(bit_width_impl().item())
-        if bits != int_quant.bits or bits != scaling_impl.bits:
-            raise ValueError(f"inconsistent weight_bit_width: {bits}, {int_quant.bits}, {scaling_impl.bits}")
+        bits = int_quant.bits
+        if bits != scaling_impl.bits:
+            raise ValueError(f"inconsistent weight_bit_width: {bits} (int_quant) and {scaling_impl.bits} (scaling_impl)")
         self.register_buffer("bits", torch.tensor(bits, dtype=torch.int64))
         self.n = num_levels(bits)
 
@@ -325,18 +325,15 @@ class DAQActTensorQuant(_BitWidthRecordMixin, nn.Module):
     def __init__(self, scaling_impl: nn.Module, int_quant: nn.Module, bit_width_impl: nn.Module,
                  signed: bool, int_scaling_impl: Optional[nn.Module] = None):
         super().__init__()
-        if bool(signed) != scaling_impl.signed:
-            raise ValueError(f"signed={signed} disagrees with the bounds (lower bound "
-                             f"{'learned' if scaling_impl.signed else 'fixed at 0'})")
+        # ``scaling_impl`` may be shared with a quantizer of the other sign (Brevitas aligns the inputs of
+        # residual adds by sharing ``scaling_impl``): the levels are then ``l + ΔQ`` with the shared bounds.
         self.scaling_impl = scaling_impl
         self.int_quant = int_quant
         self.msb_clamp_bit_width_impl = bit_width_impl
         self.int_scaling_impl = int_scaling_impl if int_scaling_impl is not None else IntScaling(False, signed)
         self.observer_only = False
         self.signed = bool(signed)
-        bits = int(bit_width_impl().item())
-        if bits != int_quant.bits:
-            raise ValueError(f"inconsistent bit_width: {bits} and {int_quant.bits}")
+        bits = int_quant.bits
         self.register_buffer("bits", torch.tensor(bits, dtype=torch.int64))
         self.n = num_levels(bits)
 
@@ -346,6 +343,6 @@ class DAQActTensorQuant(_BitWidthRecordMixin, nn.Module):
         step = (upper - lower) / self.n
         zero_point = -lower / step
         if self.signed:
-            zero_point = zero_point - float(2 ** (int(self.bits) - 1))
+            zero_point = zero_point - float(2 ** (self.int_quant.bits - 1))
         y = x if self.observer_only else self.int_quant(x, lower, upper)
         return y, step, zero_point, bit_width
