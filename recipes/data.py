@@ -277,11 +277,12 @@ def load_image_folder(root: str, img_size: int) -> DataBundle:
     return DataBundle(tr, va, len(tr_classes), img_size, False, f"ImageFolder {r}")
 
 
-def build_data(name: str, img_size: int, data_root: Optional[str] = None, download: bool = False) -> DataBundle:
+def build_data(name: str, img_size: int, data_root: Optional[str] = None, download: bool = False,
+               val_per_class: int = 500) -> DataBundle:
     """Resolve ``--data`` (a named dataset or an ImageFolder root) into train/val datasets."""
     key = name.lower().replace("_", "-")
     if key in ("cifar10", "cifar-10"):
-        return load_cifar10(img_size, data_root, download)
+        return load_cifar10(img_size, data_root, download, val_per_class)
     if key in ("fashion-mnist", "fashionmnist", "fmnist"):
         return load_fashion_mnist(img_size, data_root, download)
     return load_image_folder(name, img_size)

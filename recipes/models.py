@@ -176,7 +176,8 @@ def load_float_checkpoint(model: nn.Module, path: str, model_name: str = "") -> 
     sd = _extract_state_dict(obj)
     sd = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
     own = model.state_dict()
-    missing = [k for k in own if k not in sd]
+    # old checkpoints (e.g. torch<0.4.1) have no BN num_batches_tracked: keep the model's
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in own]
     shape_bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shape_bad:
@@ -191,7 +192,7 @@ def load_float_checkpoint(model: nn.Module, path: str, model_name: str = "") -> 
                          f" vs model {tuple(own[k].shape)})")
         raise ModelError(f"checkpoint {p} does not fit model {model_name or type(model).__name__}: "
                          + "; ".join(parts) + ". Is it from another model or another number of classes?")
-    model.load_state_dict(sd)
+    model.load_state_dict(sd, strict=False)
 
 
 # --------------------------------------------------------------------------------------

@@ -94,7 +94,14 @@ def prepare(model: nn.Module, spec: QuantSpec, example_inputs) -> nn.Module:
     """Insert the quantizers; the returned model is in train mode and ready for QAT."""
     from .models import unfuse_batchnorm_act
 
-    model = unfuse_batchnorm_act(model)
+    if spec.framework in ("fx", "stock"):
+        try:  # the same model surgery for DAQ and the stock baseline (BatchNormAct2d split, ReLU6 -> ReLU)
+            from daq_fx import prepare_timm_model
+            model = prepare_timm_model(model, relu6_to_relu=True)
+        except ImportError:
+            model = unfuse_batchnorm_act(model, relu6_to_relu=True)
+    else:
+        model = unfuse_batchnorm_act(model)
     model.train()
     if spec.framework in ("fx", "stock"):
         from torch.ao.quantization.quantize_fx import prepare_qat_fx as stock_prepare
@@ -124,7 +131,10 @@ def quantizer_parameters(model: nn.Module, spec: QuantSpec) -> List[nn.Parameter
     elif spec.framework == "brevitas":
         lib = _import_daq_brevitas()
     if lib is not None and hasattr(lib, "quantizer_parameters"):
-        return list(lib.quantizer_parameters(model))
+        got = lib.quantizer_parameters(model)
+        if isinstance(got, tuple) and len(got) == 2 and all(isinstance(g, (list, tuple)) for g in got):
+            got = got[0]  # daq_fx returns (quantizer_params, other_params)
+        return list(got)
     # generic fallback: parameters owned by fake-quant / quantizer modules
     from torch.ao.quantization import FakeQuantizeBase
 

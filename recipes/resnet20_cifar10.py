@@ -24,13 +24,16 @@ DEFAULTS = dict(model="resnet20_cifar", data="cifar10", framework="fx", bits=(4,
 def main(argv=None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not any(a == "--weight-decay" or a.startswith("--weight-decay=") for a in args):
+        import argparse
         from .train import parse_bits
         bits = (4, 4)
         for i, a in enumerate(args):
-            if a == "--bits" and i + 1 < len(args):
-                bits = parse_bits(args[i + 1])
-            elif a.startswith("--bits="):
-                bits = parse_bits(a.split("=", 1)[1])
+            text = args[i + 1] if a == "--bits" and i + 1 < len(args) else a[7:] if a.startswith("--bits=") else None
+            if text is not None:
+                try:
+                    bits = parse_bits(text)
+                except argparse.ArgumentTypeError:
+                    pass  # the parser reports it
         args += ["--weight-decay", "5e-5" if bits in ((1, 1), (1, 2), (2, 2)) else "1e-4"]  # DAQ-SPEC §6
     return _main(args, "resnet20_cifar10", "CIFAR-10 ResNet-20 with DAQ (first/last layer float)", DEFAULTS,
                  float_layers=RESNET20_FLOAT_LAYERS)

@@ -75,6 +75,8 @@ def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
     g.add_argument("--img-size", type=int, help="training/eval resolution")
     g.add_argument("--train-subset", type=int, default=None, help="use a class-balanced subset of N training images")
     g.add_argument("--val-subset", type=int, default=None, help="use a class-balanced subset of N validation images")
+    g.add_argument("--val-per-class", type=int, default=500,
+                   help="cifar10 ImageFolder: validation images carved from the end of each class")
     g.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 in-memory, 4 ImageFolder)")
     g = p.add_argument_group("model")
     g.add_argument("--model", help="timm model name")
@@ -94,6 +96,7 @@ def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, help="SGD lr for weights in QAT")
     g.add_argument("--float-lr", type=float, help="SGD lr for the float stage")
     g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear lr warm-up steps of the float stage")
     g.add_argument("--weight-decay", type=float, help="SGD weight decay")
     g.add_argument("--quant-lr", type=float, default=1e-4, help="Adam lr for quantizer parameters (no weight decay)")
     g.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke tests)")
@@ -352,7 +355,7 @@ class Pipeline:
         if a.compile_kernels:
             import daq_core
             daq_core.use_compiled_kernels(True)
-        self.data = data_mod.build_data(a.data, a.img_size, a.data_root, a.download)
+        self.data = data_mod.build_data(a.data, a.img_size, a.data_root, a.download, a.val_per_class)
         self.train_set = data_mod.subset(self.data.train, a.train_subset, a.seed)
         self.val_set = data_mod.subset(self.data.val, a.val_subset, a.seed)
         if len(self.train_set) == 0 or len(self.val_set) == 0:
@@ -401,6 +404,10 @@ class Pipeline:
             "rng": rng_state(), "results": self.results, "world_size": self.dist.world,
         }
         atomic_save(ckpt, self.out / CHECKPOINT_NAME)
+        self._checkpoints_written = getattr(self, "_checkpoints_written", 0) + 1
+        # test hook: die like a killed process right after the N-th checkpoint (tests/recipes)
+        if int(os.environ.get("DAQ_RECIPE_KILL_AFTER_CHECKPOINT", "0")) == self._checkpoints_written:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def load_resume(self) -> Optional[Dict]:
         a = self.args
@@ -438,7 +445,13 @@ class Pipeline:
             optimizers.append(torch.optim.Adam(qp, lr=a.quant_lr, weight_decay=0.0))
         spe = self.steps_per_epoch()
         total = max(epochs * spe, 1)
-        schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=total) for o in optimizers]
+        warm = min(a.warmup_steps if stage == "float" else 0, total - 1)
+
+        def lr_lambda(i, total=total, warm=warm):  # linear warm-up (float stage), then cosine to 0
+            w = min(1.0, (i + 1) / warm) if warm > 0 else 1.0
+            return w * 0.5 * (1.0 + math.cos(math.pi * min(i, total) / total))
+
+        schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda) for o in optimizers]
         start_epoch, step = 0, 0
         if ckpt is not None and ckpt["stage"] == stage:
             for o, s in zip(optimizers, ckpt["optimizers"]):
@@ -484,6 +497,8 @@ class Pipeline:
                 for s in schedulers:
                     s.step()
                 step += 1
+                if int(os.environ.get("DAQ_RECIPE_SIGINT_AT_STEP", "0")) == step:  # test hook: Ctrl-C mid-epoch
+                    os.kill(os.getpid(), signal.SIGINT)
                 bs = y.numel()
                 loss_sum += loss.item() * bs
                 correct += (out.argmax(1) == y).sum().item()
