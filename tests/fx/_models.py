@@ -1,0 +1,54 @@
+"""Small models and helpers shared by the FX tests."""
+
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """Conv-BN-ReLU, depthwise Conv-BN, residual add, dropout, pool, flatten, linear."""
+
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.drop = nn.Dropout(0.2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = x + self.bn2(self.conv2(x))
+        x = self.drop(x)
+        return self.fc(self.pool(x).flatten(1))
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, make_input, batches: int = 2) -> nn.Module:
+    """Set BN running statistics to the data's (cumulative average over a few batches).
+
+    Randomly initialised networks evaluated with BN's initial running statistics (mean 0,
+    var 1) can have vanishing or exploding activations (efficientnet_b0 outputs ~1e-6);
+    calibrating makes eval-mode activations match the train-mode ones the quantizers saw.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.momentum = None
+        m.reset_running_stats()
+    was_training = model.training
+    model.train()
+    for _ in range(batches):
+        model(make_input())
+    for m in bns:
+        m.momentum = 0.1
+    model.train(was_training)
+    return model
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor):
+    """(top-1 agreement, cosine similarity of the flattened outputs)."""
+    top1 = (a.argmax(1) == b.argmax(1)).float().mean().item()
+    cos = torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), 0).item()
+    return top1, cos

@@ -1,0 +1,198 @@
+"""prepare_qat_fx / convert_fx on small models: bake, clamps, dropout, errors, state, backends."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.ao.quantization import FixedQParamsFakeQuantize
+
+import daq_fx
+from daq_fx import DAQFakeQuantize
+
+from ._models import TinyNet, agreement, calibrate_batchnorm
+
+
+def _prepared(model=None, backend="x86", weight_bits=4, act_bits=4, **mapping_kwargs):
+    torch.manual_seed(0)
+    model = model or TinyNet()
+    calibrate_batchnorm(model, lambda: torch.randn(16, 3, 12, 12))
+    example = (torch.randn(2, 3, 12, 12),)
+    mapping = daq_fx.get_daq_qat_qconfig_mapping(backend, weight_bits, act_bits, **mapping_kwargs)
+    qat = daq_fx.prepare_qat_fx(model, mapping, example)
+    qat(torch.randn(16, 3, 12, 12))          # first batch: activation bounds
+    return qat
+
+
+def _train_steps(qat, steps=3, shape=(8, 3, 12, 12), num_classes=5):
+    quant, rest = daq_fx.quantizer_parameters(qat)
+    opt = torch.optim.SGD([{"params": rest, "lr": 1e-2, "momentum": 0.9},
+                           {"params": quant, "lr": 1e-3}])
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(qat(torch.randn(*shape)), torch.randint(0, num_classes, shape[:1]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_tiny_model_converts_exactly_and_weights_lie_on_the_grid():
+    qat = _prepared()
+    _train_steps(qat)
+    qat.eval()
+    x = torch.randn(32, 3, 12, 12)
+    with torch.no_grad():
+        expected = qat(x)
+    int8 = daq_fx.convert_fx(qat)
+    with torch.no_grad():
+        got = int8(x)
+    assert (got - expected).abs().max() < 1e-4
+    for name in ("conv1", "conv2", "fc"):
+        qat_module, q_module = qat.get_submodule(name), int8.get_submodule(name)
+        ints = q_module.weight().int_repr().to(torch.int32)
+        assert bool((ints.abs() <= 15).all()) and bool((ints.remainder(2) == 1).all()), name
+        fq = qat_module.weight_fake_quant
+        assert torch.equal(ints, fq.integers(daq_fx.prepare.folded_weight(qat_module))), name
+    # the QAT model is left untouched by convert (it works on a copy)
+    assert qat.conv1.weight_fake_quant.fake_quant_enabled.item() == 1
+
+
+def test_dropout_shares_its_input_quantizer():
+    qat = _prepared()
+    graph = {n.name: n for n in qat.graph.nodes}
+    drop = graph["drop"]
+    before, after = drop.args[0], next(iter(drop.users))
+    assert qat.get_submodule(before.target) is qat.get_submodule(after.target)
+
+
+def test_fixed_qparams_ops_keep_their_fake_quants():
+    class WithSigmoid(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.gate = nn.Sigmoid()
+
+        def forward(self, x):
+            return self.gate(self.conv(x))
+
+    qat = daq_fx.prepare_qat_fx(WithSigmoid(), daq_fx.get_daq_qat_qconfig_mapping(), (torch.randn(1, 3, 4, 4),))
+    kinds = {type(m) for m in qat.modules()}
+    assert FixedQParamsFakeQuantize in kinds and DAQFakeQuantize in kinds
+
+
+def test_float_module_names_stay_float():
+    model = TinyNet()
+    first, last = daq_fx.first_and_last_layer_names(model)
+    assert (first, last) == ("conv1", "fc")
+    qat = daq_fx.prepare_qat_fx(model, daq_fx.get_daq_qat_qconfig_mapping(float_module_names=[first, last]),
+                                (torch.randn(1, 3, 8, 8),))
+    assert type(qat.fc) is nn.Linear and not hasattr(qat.fc, "weight_fake_quant")
+    assert isinstance(qat.conv2.weight_fake_quant, DAQFakeQuantize)
+
+
+def test_exact_clamps_matter_when_activations_exceed_the_upper_bound():
+    qat = _prepared()
+    qat.eval()
+    x = 4.0 * torch.randn(32, 3, 12, 12)     # well beyond the first-batch bounds (3 std)
+    with torch.no_grad():
+        expected = qat(x)
+    exact = daq_fx.convert_fx(qat, exact=True)
+    fast = daq_fx.convert_fx(qat, exact=False)
+    assert exact.meta["daq_activation_clamps"] > 0 and fast.meta["daq_activation_clamps"] == 0
+    with torch.no_grad():
+        assert (exact(x) - expected).abs().max() < 1e-4
+        assert (fast(x) - expected).abs().max() > 1e-2   # documented: fast is not exact
+
+
+def test_eval_batchnorm_is_independent_of_batch_composition():
+    qat = _prepared()
+    _train_steps(qat)
+    qat.eval()
+    int8 = daq_fx.convert_fx(qat)
+    x = torch.randn(16, 3, 12, 12)
+    for model in (qat, int8):
+        with torch.no_grad():
+            full = model(x)
+            part = model(torch.cat([x[:4], 10 * torch.randn(4, 3, 12, 12)]))
+        assert torch.allclose(full[:4], part[:4], atol=1e-5)
+
+
+def test_state_dict_round_trip_into_a_freshly_prepared_model():
+    qat = _prepared()
+    _train_steps(qat)
+    state = copy.deepcopy(qat.state_dict())
+    torch.manual_seed(123)
+    fresh = daq_fx.prepare_qat_fx(TinyNet(), daq_fx.get_daq_qat_qconfig_mapping(), (torch.randn(2, 3, 12, 12),))
+    fresh.load_state_dict(state)
+    qat.eval()
+    fresh.eval()
+    x = torch.randn(8, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(qat(x), fresh(x))
+    fresh.train()
+    fresh(10 * x)    # no re-initialisation on the first batch after loading
+    bounds = lambda m: [(p.detach().clone()) for n, p in m.named_parameters() if n.endswith("_bound")]
+    assert all(torch.equal(a, b) for a, b in zip(bounds(qat), bounds(fresh)))
+
+
+def test_zero_gamma_batchnorm_is_rejected_with_the_module_name():
+    model = TinyNet()
+    nn.init.zeros_(model.bn2.weight)
+    with pytest.raises(ValueError, match=r"'bn2'.*zero_init_last=False"):
+        daq_fx.prepare_qat_fx(model, daq_fx.get_daq_qat_qconfig_mapping(), (torch.randn(1, 3, 8, 8),))
+
+
+def test_untraceable_module_error_names_the_module_and_the_fix():
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:
+                return x
+            return -x
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Sequential(nn.ReLU(), DataDependent()), nn.Conv2d(4, 2, 1))
+    with pytest.raises(daq_fx.DAQPrepareError, match=r"(?s)'1\.1' \(DataDependent\).*set_non_traceable_module_names"):
+        daq_fx.prepare_qat_fx(model, daq_fx.get_daq_qat_qconfig_mapping(), (torch.randn(1, 3, 4, 4),))
+    # following the advice works
+    from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+    config = PrepareCustomConfig().set_non_traceable_module_names(["1.1"])
+    qat = daq_fx.prepare_qat_fx(model, daq_fx.get_daq_qat_qconfig_mapping(), (torch.randn(1, 3, 4, 4),),
+                                prepare_custom_config=config)
+    assert isinstance(qat.get_submodule("0").weight_fake_quant, DAQFakeQuantize)
+
+
+def test_quantizer_parameters_split():
+    qat = _prepared()
+    quant, rest = daq_fx.quantizer_parameters(qat)
+    assert quant and rest
+    ids = {id(p) for p in quant}
+    assert not ids & {id(p) for p in rest}
+    assert len(ids) + len(rest) == len(list(qat.parameters()))
+    assert id(qat.conv1.weight_fake_quant.output_scale) in ids and id(qat.conv1.weight) not in ids
+
+
+def test_mapping_rejects_8_bit_weights():
+    with pytest.raises(ValueError, match="weight_bits=8.*int8"):
+        daq_fx.get_daq_qat_qconfig_mapping(weight_bits=8)
+    with pytest.raises(ValueError, match="backend"):
+        daq_fx.get_daq_qat_qconfig_mapping(backend="tensorrt")
+
+
+@pytest.mark.parametrize("backend", ["fbgemm", "qnnpack"])
+def test_other_backends_convert(backend):
+    """fbgemm is exact like x86; qnnpack runs, with ±1-code requantisation differences (measured)."""
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = backend
+    try:
+        qat = _prepared(backend=backend)
+        _train_steps(qat)
+        qat.eval()
+        x = torch.randn(64, 3, 12, 12)
+        with torch.no_grad():
+            expected = qat(x)
+            got = daq_fx.convert_fx(qat)(x)
+    finally:
+        torch.backends.quantized.engine = previous
+    top1, cos = agreement(expected, got)
+    if backend == "fbgemm":
+        assert (got - expected).abs().max() < 1e-4
+    else:
+        assert cos > 0.99 and top1 >= 0.9
