@@ -36,6 +36,7 @@ import daq_core
 from daq_core import check_bits, check_positive, num_levels
 
 __all__ = [
+    "snap_to_grid",
     "DAQWeightScaling",
     "DAQActScaling",
     "DASRWeightIntQuant",
@@ -46,6 +47,18 @@ __all__ = [
 
 #: Weight bounds ``l, u`` are initialised to ``-3, 3`` on the standardised weight (DAQ-SPEC §3).
 WEIGHT_BOUND_INIT = 3.0
+
+
+def snap_to_grid(y: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+    """Represent DAQ's levels exactly as Brevitas dequantizes them: ``(int - zero_point) * scale``.
+
+    ``y`` is already on the grid up to float rounding (``-s + (2s/n) Q`` vs ``(k + 0.5) 2s/n``);
+    the correction is applied straight-through (value changes by ~1 ulp, gradient unchanged), so the
+    exported graph, which computes ``(int - zero_point) * scale``, reproduces PyTorch bit for bit.
+    """
+    with torch.no_grad():
+        exact = (torch.round(y / scale + zero_point) - zero_point) * scale
+    return y + (exact - y).detach()
 
 
 class _IgnoreMissingKeysMixin:
@@ -304,7 +317,9 @@ class DAQWeightTensorQuant(_BitWidthRecordMixin, nn.Module):
         bit_width = self.msb_clamp_bit_width_impl()
         out_scale = self.brevitas_scale(scale, x)
         zero_point = torch.tensor(0.0 if self.n == 1 else -0.5, dtype=x.dtype, device=x.device)
-        y = x if self.observer_only else self.int_quant(x, lower, upper, scale)
+        if self.observer_only:
+            return x, out_scale, zero_point, bit_width
+        y = snap_to_grid(self.int_quant(x, lower, upper, scale), out_scale, zero_point)
         return y, out_scale, zero_point, bit_width
 
 
@@ -344,5 +359,7 @@ class DAQActTensorQuant(_BitWidthRecordMixin, nn.Module):
         zero_point = -lower / step
         if self.signed:
             zero_point = zero_point - float(2 ** (self.int_quant.bits - 1))
-        y = x if self.observer_only else self.int_quant(x, lower, upper)
+        if self.observer_only:
+            return x, step, zero_point, bit_width
+        y = snap_to_grid(self.int_quant(x, lower, upper), step, zero_point)
         return y, step, zero_point, bit_width
