@@ -1,0 +1,97 @@
+"""Graph-mode DAQ quantization of timm models through brevitas.graph."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import brevitas.nn as qnn
+
+from daq_brevitas import (DAQActQuantProxy, DAQWeightQuantProxy, quantize_model, quantizer_parameters,
+                          replace_batchnorm_act)
+
+timm = pytest.importorskip("timm")
+
+warnings.filterwarnings("ignore", message="Computing zero point of output accumulator")
+
+
+def _timm(name, **kwargs):
+    torch.manual_seed(0)
+    if name.startswith("resnet"):
+        kwargs.setdefault("zero_init_last", False)  # no pretrained weights here: avoid all-zero BN γ
+    return timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+
+
+def _quant_layers(model):
+    return [m for m in model.modules() if isinstance(m, (qnn.QuantConv2d, qnn.QuantLinear))]
+
+
+def _float_layers(model):
+    return [m for m in model.modules()
+            if type(m) in (nn.Conv2d, nn.Linear)]
+
+
+def test_replace_batchnorm_act_mobilenetv2():
+    from timm.layers import BatchNormAct2d
+    model = _timm("mobilenetv2_100").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        replace_batchnorm_act(model)
+        out = model(x)
+    assert not any(isinstance(m, BatchNormAct2d) for m in model.modules())
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_zero_init_last_is_detected():
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10)  # zero_init_last=True by default
+    with pytest.warns(UserWarning, match="zero_init_last"):
+        quantize_model(model)
+
+
+@pytest.mark.parametrize("name,keep_float", [("resnet18", True), ("mobilenetv2_100", False)])
+def test_quantize_model_structure(name, keep_float):
+    model = quantize_model(_timm(name), weight_bit_width=4, act_bit_width=4, keep_first_last_float=keep_float)
+    quant, floats = _quant_layers(model), _float_layers(model)
+    assert all(isinstance(m.weight_quant, DAQWeightQuantProxy) for m in quant)
+    assert all(int(m.weight_quant.tensor_quant.int_quant.bits) == 4 for m in quant)
+    acts = [m for m in model.modules() if isinstance(m, DAQActQuantProxy)]
+    assert len(acts) >= len(quant) // 2
+    if keep_float:
+        assert len(floats) == 2 and len(quant) == 19, "resnet18: 20 convs + fc, first conv and fc float"
+    else:
+        assert not floats and len(quant) == 53, "mobilenetv2_100: 52 convs + classifier, all quantized"
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        y = model(x)
+    assert isinstance(y, torch.Tensor) and y.shape == (2, 10) and bool(torch.isfinite(y).all())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,bits,keep_float", [
+    ("resnet18", 4, True), ("resnet18", 2, True),
+    ("mobilenetv2_100", 4, False), ("mobilenetv2_100", 2, False),
+])
+def test_few_training_steps_reduce_loss(name, bits, keep_float):
+    model = quantize_model(_timm(name), weight_bit_width=bits, act_bit_width=bits,
+                           keep_first_last_float=keep_float).train()
+    torch.manual_seed(1)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    with torch.no_grad():
+        model(x)  # first-batch initialisation of bounds and scales
+    qp, wp = quantizer_parameters(model)
+    opt_q = torch.optim.Adam(qp, lr=1e-3)
+    opt_w = torch.optim.SGD(wp, lr=1e-2, momentum=0.9)
+    losses = []
+    for _ in range(6):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt_q.zero_grad()
+        opt_w.zero_grad()
+        loss.backward()
+        opt_q.step()
+        opt_w.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert min(losses[-2:]) < losses[0] * 0.9, losses
