@@ -182,14 +182,11 @@ def _keep_float(qmodel: torch.fx.GraphModule, names: Iterable[str]) -> None:
         if node.op != "call_module" or node.target not in names:
             continue
         _set_submodule(qmodel, node.target, _to_float_layer(qmodel.get_submodule(node.target)))
-        neighbours = [a for a in node.all_input_nodes] + list(node.users)
-        for other in neighbours:
+        # requantizers that only feed this layer, and requantizers of its output
+        inputs = [a for a in node.all_input_nodes if len(a.users) == 1]
+        for other in inputs + list(node.users):
             if other.op == "call_module" and calls.get(other.target) == 1 and isinstance(
                     qmodel.get_submodule(other.target), qnn.QuantIdentity):
-                if other in node.users and len(other.users) and len(node.users) > 1:
-                    continue
-                if other in node.all_input_nodes and len(other.users) > 1:
-                    continue
                 _set_submodule(qmodel, other.target, nn.Identity())
 
 

@@ -50,9 +50,11 @@ def test_zero_init_last_is_detected():
         quantize_model(model)
 
 
-@pytest.mark.parametrize("name,keep_float", [("resnet18", True), ("mobilenetv2_100", False)])
-def test_quantize_model_structure(name, keep_float):
-    model = quantize_model(_timm(name), weight_bit_width=4, act_bit_width=4, keep_first_last_float=keep_float)
+@pytest.mark.parametrize("name,keep_float,align", [("resnet18", True, False), ("mobilenetv2_100", False, False),
+                                                   ("resnet18", True, True)])
+def test_quantize_model_structure(name, keep_float, align):
+    model = quantize_model(_timm(name), weight_bit_width=4, act_bit_width=4, keep_first_last_float=keep_float,
+                           align_residuals=align)
     quant, floats = _quant_layers(model), _float_layers(model)
     assert all(isinstance(m.weight_quant, DAQWeightQuantProxy) for m in quant)
     assert all(int(m.weight_quant.tensor_quant.int_quant.bits) == 4 for m in quant)
@@ -60,6 +62,11 @@ def test_quantize_model_structure(name, keep_float):
     assert len(acts) >= len(quant) // 2
     if keep_float:
         assert len(floats) == 2 and len(quant) == 19, "resnet18: 20 convs + fc, first conv and fc float"
+        for node in model.graph.nodes:  # float first/last layers have float inputs and outputs
+            if node.op == "call_module" and type(model.get_submodule(node.target)) in (nn.Conv2d, nn.Linear):
+                for other in list(node.all_input_nodes) + list(node.users):
+                    if other.op == "call_module":
+                        assert not isinstance(model.get_submodule(other.target), qnn.QuantIdentity), other.target
     else:
         assert not floats and len(quant) == 53, "mobilenetv2_100: 52 convs + classifier, all quantized"
     model.eval()
