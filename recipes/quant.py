@@ -116,10 +116,9 @@ def prepare(model: nn.Module, spec: QuantSpec, example_inputs) -> nn.Module:
             prepared = stock_prepare(model, mapping, example_inputs)
         return prepared
     daq_brevitas = _import_daq_brevitas()
-    kwargs = dict(weight_bit_width=spec.weight_bits, act_bit_width=spec.act_bits)
-    if spec.float_layers:
-        kwargs["float_layers"] = tuple(spec.float_layers)
-    return daq_brevitas.quantize_model(model, **kwargs)
+    # daq_brevitas keeps "the first and the last weight layer" in float (the recipes' float_layers)
+    return daq_brevitas.quantize_model(model, weight_bit_width=spec.weight_bits, act_bit_width=spec.act_bits,
+                                       keep_first_last_float=bool(spec.float_layers))
 
 
 def quantizer_parameters(model: nn.Module, spec: QuantSpec) -> List[nn.Parameter]:
@@ -167,19 +166,40 @@ def convert(qat_model: nn.Module, spec: QuantSpec, out_dir: Optional[Path] = Non
 
             int_model = convert_fx(model)
         return int_model.eval(), artifacts
-    daq_brevitas = _import_daq_brevitas()
+    _import_daq_brevitas()  # registers the DAQ QONNX handlers
     if out_dir is not None and example_inputs is not None:
+        from brevitas.export import export_qonnx
+
         path = Path(out_dir) / "model.qonnx.onnx"
-        for name in ("export_qonnx", "export"):
-            fn = getattr(daq_brevitas, name, None)
-            if fn is not None:
-                try:
-                    fn(model, example_inputs[0].cpu(), str(path))
-                    artifacts["qonnx"] = str(path)
-                except Exception as e:  # noqa: BLE001 - export is reported, not fatal
-                    artifacts["qonnx_error"] = f"{type(e).__name__}: {e}"
-                break
+        try:
+            export_qonnx(model, args=example_inputs[0].cpu(), export_path=str(path))
+            artifacts["qonnx"] = str(path)
+        except Exception as e:  # noqa: BLE001 - export problems are reported, not fatal
+            artifacts["qonnx_error"] = f"{type(e).__name__}: {e}"
     return None, artifacts
+
+
+class QONNXRunner(nn.Module):
+    """Run an exported QONNX file with the ``qonnx`` executor (reference semantics, slow).
+
+    Used to check the exported model against the Brevitas QAT model on a few images. The file
+    must have been exported with the batch size it is called with.
+    """
+
+    def __init__(self, path: str):
+        super().__init__()
+        from qonnx.core.modelwrapper import ModelWrapper
+        from qonnx.transformation.infer_shapes import InferShapes
+
+        self.model = ModelWrapper(path).transform(InferShapes())
+        self.inp = self.model.graph.input[0].name
+        self.out = self.model.graph.output[0].name
+
+    def forward(self, x):
+        from qonnx.core.onnx_exec import execute_onnx
+
+        res = execute_onnx(self.model, {self.inp: x.detach().cpu().numpy()})
+        return torch.from_numpy(res[self.out])
 
 
 def model_size_bits(qat_model: nn.Module, spec: QuantSpec) -> Dict[str, int]:
