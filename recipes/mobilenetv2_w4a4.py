@@ -23,8 +23,9 @@ DEFAULTS = dict(model="mobilenetv2_100", framework="fx", bits=(4, 4), epochs=100
                 lr=5e-3, weight_decay=4e-5, quant_lr=1e-4, img_size=224)
 
 #: the offline demo: Fashion-MNIST at 32 px, float pre-training then DAQ fine-tuning (~5 min on 2 cores)
-DEMO = dict(data="fashion-mnist", img_size=32, train_subset=12000, val_subset=2000, float_epochs=4, float_lr=0.05, warmup_steps=100,
-            epochs=2, lr=5e-3, batch_size=64, weight_decay=4e-5, output="runs/demo-mobilenetv2-w4a4")
+DEMO = dict(data="fashion-mnist", img_size=32, train_subset=10000, qat_train_subset=3000, val_subset=2000,
+            float_epochs=3, float_lr=0.05, warmup_steps=100, epochs=1, lr=5e-3, batch_size=64, weight_decay=4e-5,
+            output="runs/demo-mobilenetv2-w4a4")
 
 
 def main(argv=None) -> int:

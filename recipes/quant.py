@@ -103,17 +103,29 @@ def prepare(model: nn.Module, spec: QuantSpec, example_inputs) -> nn.Module:
     else:
         model = unfuse_batchnorm_act(model)
     model.train()
+    float_acts = spec.act_bits >= 32
+    if float_acts and spec.framework == "brevitas":
+        raise QuantError("float activations (A32) are not wired for --framework brevitas in the recipes;"
+                         " use --framework fx (weight-only DAQ, reported as QAT accuracy)")
     if spec.framework in ("fx", "stock"):
         from torch.ao.quantization.quantize_fx import prepare_qat_fx as stock_prepare
 
-        mapping = (_daq_fx_qconfig_mapping(spec.weight_bits, spec.act_bits, spec.backend) if spec.framework == "fx"
-                   else stock_qconfig_mapping(spec.weight_bits, spec.act_bits, spec.backend))
+        act_bits = 8 if float_acts else spec.act_bits   # A32: activation fake-quants disabled below
+        mapping = (_daq_fx_qconfig_mapping(spec.weight_bits, act_bits, spec.backend) if spec.framework == "fx"
+                   else stock_qconfig_mapping(spec.weight_bits, act_bits, spec.backend))
         for name in spec.float_layers:
             mapping = mapping.set_module_name(name, None)
         if spec.framework == "fx":
             prepared = _import_daq_fx().prepare_qat_fx(model, mapping, example_inputs)
         else:
             prepared = stock_prepare(model, mapping, example_inputs)
+        if float_acts:
+            from torch.ao.quantization import FakeQuantizeBase
+
+            for name, mod in prepared.named_modules():
+                if isinstance(mod, FakeQuantizeBase) and not name.endswith("weight_fake_quant"):
+                    mod.disable_fake_quant()
+                    mod.disable_observer()
         return prepared
     daq_brevitas = _import_daq_brevitas()
     # daq_brevitas keeps "the first and the last weight layer" in float (the recipes' float_layers)
@@ -156,6 +168,10 @@ def convert(qat_model: nn.Module, spec: QuantSpec, out_dir: Optional[Path] = Non
     """
     model = copy.deepcopy(getattr(qat_model, "module", qat_model)).cpu().eval()
     artifacts: Dict[str, str] = {}
+    if spec.act_bits >= 32:
+        artifacts["note"] = ("float activations (A32): torch.ao has no x86 int8 kernel for weight-only convs,"
+                             " so no int model is built; the QAT accuracy is the result")
+        return None, artifacts
     if spec.framework in ("fx", "stock"):
         torch.backends.quantized.engine = spec.backend if spec.backend in torch.backends.quantized.supported_engines \
             else torch.backends.quantized.engine

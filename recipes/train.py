@@ -74,6 +74,8 @@ def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
     g.add_argument("--download", action="store_true", help="allow torchvision to download a named dataset")
     g.add_argument("--img-size", type=int, help="training/eval resolution")
     g.add_argument("--train-subset", type=int, default=None, help="use a class-balanced subset of N training images")
+    g.add_argument("--qat-train-subset", type=int, default=None,
+                   help="QAT stage: a class-balanced subset of the training images (default: same as float)")
     g.add_argument("--val-subset", type=int, default=None, help="use a class-balanced subset of N validation images")
     g.add_argument("--val-per-class", type=int, default=500,
                    help="cifar10 ImageFolder: validation images carved from the end of each class")
@@ -360,7 +362,9 @@ class Pipeline:
             import daq_core
             daq_core.use_compiled_kernels(True)
         self.data = data_mod.build_data(a.data, a.img_size, a.data_root, a.download, a.val_per_class)
-        self.train_set = data_mod.subset(self.data.train, a.train_subset, a.seed)
+        self.float_train_set = data_mod.subset(self.data.train, a.train_subset, a.seed)
+        self.qat_train_set = data_mod.subset(self.float_train_set, a.qat_train_subset, a.seed + 1)
+        self.train_set = self.float_train_set
         self.val_set = data_mod.subset(self.data.val, a.val_subset, a.seed)
         if len(self.train_set) == 0 or len(self.val_set) == 0:
             raise RecipeError("the training or validation set is empty")
@@ -450,6 +454,7 @@ class Pipeline:
     def train_stage(self, stage: str, model: nn.Module, epochs: int, lr: float, wd: float,
                     qparams: Sequence[nn.Parameter], ckpt: Optional[Dict], teacher: Optional[nn.Module]):
         a = self.args
+        self.train_set = self.qat_train_set if stage == "qat" else self.float_train_set
         qids = {id(p) for p in qparams}
         weights = [p for p in model.parameters() if p.requires_grad and id(p) not in qids]
         qp = [p for p in qparams if p.requires_grad]
@@ -548,11 +553,12 @@ class Pipeline:
     def calibration_batch(self):
         """A fixed batch for quantizer initialisation, drawn without touching the global RNG."""
         a = self.args
-        n = min(a.batch_size // self.dist.world, len(self.train_set))
+        ds = self.qat_train_set
+        n = min(a.batch_size // self.dist.world, len(ds))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(a.seed + 12345)
-            idx = torch.randperm(len(self.train_set))[:n].tolist()
-            xs = [self.train_set[i][0] for i in idx]
+            idx = torch.randperm(len(ds))[:n].tolist()
+            xs = [ds[i][0] for i in idx]
         return torch.stack(xs).to(self.device)
 
     def prepare_qat(self, float_model: nn.Module) -> nn.Module:
@@ -594,7 +600,9 @@ class Pipeline:
         elif self.dist.main:
             self.metrics.truncate_after("float", -1)  # a fresh run starts a fresh log
         seed_everything(a.seed)
-        self.log(f"data: {self.data.description}: {len(self.train_set)} train / {len(self.val_set)} val images,"
+        self.log(f"data: {self.data.description}: {len(self.train_set)} train"
+                 f"{f' ({len(self.qat_train_set)} in QAT)' if len(self.qat_train_set) != len(self.train_set) else ''}"
+                 f" / {len(self.val_set)} val images,"
                  f" {self.data.num_classes} classes, {a.img_size}px; device {self.device}"
                  f"{f', {self.dist.world} processes' if self.dist.enabled else ''}")
         self.wall = dict(self.results.get("wall_s", {}))
@@ -729,7 +737,7 @@ def write_report(p: Pipeline) -> Dict:
     report = {
         "recipe": p.recipe, "command": " ".join(shlex.quote(x) for x in sys.argv),
         "model": a.model, "framework": a.framework, "bits": f"W{w}A{ab}", "float_layers": list(p.float_layers),
-        "data": p.data.description, "train_images": len(p.train_set), "val_images": len(p.val_set),
+        "data": p.data.description, "train_images": len(p.float_train_set), "qat_train_images": len(p.qat_train_set), "val_images": len(p.val_set),
         "img_size": a.img_size, "float_epochs": a.float_epochs, "qat_epochs": a.epochs, "batch_size": a.batch_size,
         "lr": a.lr, "quant_lr": a.quant_lr, "weight_decay": a.weight_decay, "distill": a.distill,
         "processes": p.dist.world, "device": str(p.device), "seed": a.seed,
