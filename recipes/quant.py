@@ -176,7 +176,10 @@ def convert(qat_model: nn.Module, spec: QuantSpec, out_dir: Optional[Path] = Non
         torch.backends.quantized.engine = spec.backend if spec.backend in torch.backends.quantized.supported_engines \
             else torch.backends.quantized.engine
         if spec.framework == "fx":
-            int_model = _import_daq_fx().convert_fx(model)
+            kwargs = {}
+            if example_inputs is not None:  # CPU inputs (prepare may have seen CUDA ones)
+                kwargs["example_inputs"] = tuple(x.cpu() for x in example_inputs)
+            int_model = _import_daq_fx().convert_fx(model, **kwargs)
         else:
             from torch.ao.quantization.quantize_fx import convert_fx
 

@@ -104,3 +104,17 @@ def test_torchrun_two_process_gloo_matches_single_process(reference_run, tiny_da
     assert got["int_acc"] > 40.0  # 4 classes: well above chance
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["epoch"]) for r in records] == [("float", 1), ("qat", 1), ("qat", 2)]
+
+
+@pytest.mark.slow
+def test_brevitas_qonnx_export_with_distillation(tiny_data, tmp_path):
+    out = tmp_path / "brevitas"
+    args = base_args(tiny_data, out, "--framework", "brevitas", "--distill", "--epochs", "1",
+                     "--onnx-eval-images", "8")
+    res = run_recipe(MODULE, args)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["distill"] is True and report["framework"] == "brevitas"
+    assert (out / "model.qonnx.onnx").is_file(), report["artifacts"]
+    assert report["int_backend"] == "QONNX (qonnx executor)" and report["int_eval_images"] == 8
+    assert report["agreement"] >= 75.0  # the exported file reproduces the QAT model's predictions
