@@ -92,6 +92,7 @@ class DAQWeightScaling(_IgnoreMissingKeysMixin, nn.Module):
         bit_width: weight bit-width ``b`` (needed for the initial scale).
         num_channels: 1 for per-tensor state, the number of output channels for per-channel.
         ch_axis: the output-channel axis of the weight (per-channel only).
+        init_bound: initial ``u = -l`` on the standardised weight (3, DAQ-SPEC §3).
 
     Returns:
         ``(lower, upper, scale)``, each of shape ``()`` or ``(num_channels,)``.
@@ -104,14 +105,16 @@ class DAQWeightScaling(_IgnoreMissingKeysMixin, nn.Module):
     """
 
     def __init__(self, bit_width: int, num_channels: int = 1, ch_axis: Optional[int] = None,
-                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
+                 init_bound: float = WEIGHT_BOUND_INIT, dtype: Optional[torch.dtype] = None,
+                 device: Optional[torch.device] = None):
         super().__init__()
         self.bits = check_bits(bit_width, "weight_bit_width")
+        init_bound = check_positive(init_bound, "init_bound")
         self.ch_axis = ch_axis if num_channels > 1 else None
         shape = (num_channels,) if num_channels > 1 else ()
         kw = dict(dtype=dtype or torch.float32, device=device)
-        self.lower = nn.Parameter(torch.full(shape, -WEIGHT_BOUND_INIT, **kw))
-        self.upper = nn.Parameter(torch.full(shape, WEIGHT_BOUND_INIT, **kw))
+        self.lower = nn.Parameter(torch.full(shape, -init_bound, **kw))
+        self.upper = nn.Parameter(torch.full(shape, init_bound, **kw))
         self.scale = nn.Parameter(torch.ones(shape, **kw))
         self.register_buffer("initialized", torch.tensor(False, device=device))
 
@@ -140,6 +143,8 @@ class DAQActScaling(_IgnoreMissingKeysMixin, nn.Module):
 
     Args:
         signed: whether ``l`` is learned (signed inputs) or fixed at 0.
+        learn_lower_bound: the quantizer's declared kind; must agree with ``signed``.
+        init_num_std: the first-batch bounds are ``init_num_std`` standard deviations (3, DAQ-SPEC §4).
 
     Returns:
         ``(lower, upper)`` as 0-d tensors.
@@ -152,8 +157,10 @@ class DAQActScaling(_IgnoreMissingKeysMixin, nn.Module):
     """
 
     def __init__(self, signed: bool, learn_lower_bound: Optional[bool] = None, quantizer: str = "",
-                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
+                 init_num_std: float = 3.0, dtype: Optional[torch.dtype] = None,
+                 device: Optional[torch.device] = None):
         super().__init__()
+        self.init_num_std = check_positive(init_num_std, "init_num_std")
         if learn_lower_bound is not None and bool(learn_lower_bound) != bool(signed):
             name = quantizer or "this activation quantizer"
             if signed:
@@ -175,7 +182,7 @@ class DAQActScaling(_IgnoreMissingKeysMixin, nn.Module):
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
         """First-batch bounds of ``daq_core.init_activation_bounds`` (DAQ-SPEC §4)."""
-        lower, upper = daq_core.init_activation_bounds(x, signed=self.signed)
+        lower, upper = daq_core.init_activation_bounds(x, signed=self.signed, num_std=self.init_num_std)
         self.lower.copy_(lower)
         self.upper.copy_(upper)
         self.initialized.fill_(True)

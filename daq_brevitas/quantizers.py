@@ -55,6 +55,7 @@ class DAQWeightPerTensor(WeightQuantSolver):
     bit_width = 4
     gamma = daq_core.DEFAULT_GAMMA
     sigma = daq_core.DEFAULT_WEIGHT_SIGMA
+    init_bound = 3.0  # l, u = -3, 3 on the standardised weight (DAQ-SPEC §3)
     num_channels = 1
 
     @value
@@ -92,6 +93,7 @@ class DAQActPerTensor(ActQuantSolver):
     bit_width = 4
     gamma = daq_core.DEFAULT_GAMMA
     sigma = daq_core.DEFAULT_ACT_SIGMA
+    init_num_std = 3.0  # first-batch bounds: 3 std (DAQ-SPEC §4)
 
     @value
     def quantizer(learn_lower_bound):

@@ -195,3 +195,21 @@ def test_quant_linear_per_channel_grid():
     assert qw.scale.shape == (6, 1)
     ints = _ints(qw)
     assert set(ints.unique().tolist()) <= {-2.0, -1.0, 0.0, 1.0}
+
+
+def test_initialisation_overridable_as_class_attributes():
+    class WideWeight(DAQWeightPerTensor):
+        init_bound = 5.0
+
+    class WideAct(DAQActPerTensor):
+        init_num_std = 6.0
+
+    conv = qnn.QuantConv2d(4, 8, 3, weight_quant=WideWeight, weight_bit_width=4, bias=False)
+    s = weight_scalings(conv)[0]
+    assert (float(s.lower), float(s.upper)) == (-5.0, 5.0)
+    relu = qnn.QuantReLU(act_quant=WideAct, bit_width=4)
+    x = torch.randn(256)
+    relu(x)
+    assert torch.allclose(act_scalings(relu)[0].upper, 6 * torch.relu(x).std(unbiased=False))
+    with pytest.raises(ValueError, match="init_bound"):
+        qnn.QuantConv2d(4, 8, 3, weight_quant=type("W", (DAQWeightPerTensor,), {"init_bound": 0.0}))
