@@ -11,7 +11,7 @@ Typical use::
 """
 
 from .convert import activation_grids, bake_daq_weights, bake_weight, convert_fx, insert_activation_clamps
-from .fake_quantize import ACTIVATION, WEIGHT, DAQFakeQuantize
+from .fake_quantize import ACTIVATION, WEIGHT, AveragedActivation, DAQFakeQuantize
 from .params import quantizer_parameters
 from .prepare import (
     DAQPrepareError,

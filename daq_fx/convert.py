@@ -112,6 +112,39 @@ def _find_grid(grids, scale: float, zero_point: int) -> Optional[int]:
     return None
 
 
+def _spatial_mean_keepdim(node: fx.Node):
+    """``(input, keepdim)`` if ``node`` is ``x.mean((2, 3)[, keepdim])`` / ``torch.mean`` of that form."""
+    if node.op == "call_method" and node.target == "mean" or node.op == "call_function" and node.target is torch.mean:
+        args = list(node.args)
+        dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
+        keepdim = args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)
+        if isinstance(dims, (tuple, list)) and tuple(dims) in ((2, 3), (-2, -1)) and isinstance(keepdim, bool):
+            return args[0], keepdim
+    return None
+
+
+def _rewrite_spatial_means(graph: fx.Graph, quantized: Dict[fx.Node, Tuple[float, int]]) -> int:
+    """Quantized ``mean((2, 3))`` on channels-last tensors resolves exact ties by float error
+    (seen: code 9.5 → 9), ``adaptive_avg_pool2d(x, 1)`` rounds them half to even like the QAT
+    model (see ``AveragedActivation``): use the latter."""
+    count = 0
+    for node in list(graph.nodes):
+        match = _spatial_mean_keepdim(node)
+        if match is None or node not in quantized:
+            continue
+        source, keepdim = match
+        with graph.inserting_before(node):
+            pooled = graph.call_function(torch.nn.functional.adaptive_avg_pool2d, (source, 1))
+            result = pooled if keepdim else graph.call_method("flatten", (pooled, 1))
+        node.replace_all_uses_with(result)
+        graph.erase_node(node)
+        quantized[pooled] = quantized.pop(node)
+        if not keepdim:
+            quantized[result] = quantized[pooled]
+        count += 1
+    return count
+
+
 def insert_activation_clamps(converted: fx.GraphModule, grids, example_inputs: Tuple[Any, ...],
                              contiguous: bool = False) -> int:
     """Insert ``torch.clamp`` after every op whose quantized output lies on a sub-8-bit DAQ grid.
@@ -129,6 +162,7 @@ def insert_activation_clamps(converted: fx.GraphModule, grids, example_inputs: T
     with torch.no_grad():
         recorder.run(*example_inputs)
     graph = converted.graph
+    _rewrite_spatial_means(graph, recorder.qparams)
     targets = []
     for node in graph.nodes:   # decide on the unmodified graph
         if node not in recorder.qparams:

@@ -45,7 +45,7 @@ from daq_core import (
     num_levels,
 )
 
-__all__ = ["DAQFakeQuantize", "WEIGHT", "ACTIVATION"]
+__all__ = ["DAQFakeQuantize", "AveragedActivation", "WEIGHT", "ACTIVATION"]
 
 WEIGHT = "weight"
 ACTIVATION = "activation"
@@ -124,6 +124,7 @@ class DAQFakeQuantize(FakeQuantizeBase):
         default_sigma = DEFAULT_WEIGHT_SIGMA if role == WEIGHT else DEFAULT_ACT_SIGMA
         self.sigma = check_positive(default_sigma if sigma is None else sigma, "sigma")
         self.num_std = check_positive(num_std, "num_std")
+        self.upper_limit: Optional[float] = None
         n = num_levels(self.bits)
         self.is_dynamic = False
         if role == WEIGHT:
@@ -190,6 +191,8 @@ class DAQFakeQuantize(FakeQuantizeBase):
             if int(self.signed.item()) == _SIGNED_AUTO:
                 self.signed.fill_(_SIGNED if bool((x < 0).any()) else _UNSIGNED)
             lower, upper = daq_core.init_activation_bounds(x, signed=not self.is_unsigned, num_std=self.num_std)
+            if self.upper_limit is not None:
+                upper = torch.clamp(upper, max=self.upper_limit)
             self._set_param("lower_bound", lower.reshape(1).float())
             self._set_param("upper_bound", upper.reshape(1).float())
         self.initialized.fill_(1)
@@ -203,6 +206,22 @@ class DAQFakeQuantize(FakeQuantizeBase):
                                              requires_grad=current.requires_grad))
 
     # ------------------------------------------------------------------ grid
+    def _capped(self, upper: torch.Tensor) -> torch.Tensor:
+        cap = self.upper_limit
+        if cap is None:
+            return upper
+        return torch.clamp(upper, max=cap)
+
+    def set_upper_limit(self, limit: Optional[float]) -> None:
+        """Cap the learned upper bound ``u`` (e.g. at 6 after a ReLU6 turned into ReLU).
+
+        The quantizer's clip at ``min(u, limit)`` then reproduces the activation's own clip,
+        so ``ReLU → quantizer`` equals ``ReLU6 → quantizer`` exactly while Conv-BN-ReLU fuses.
+        """
+        if self.is_weight:
+            raise ValueError("set_upper_limit applies to activation quantizers only")
+        self.upper_limit = None if limit is None else check_positive(limit, "limit")
+
     def activation_grid(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The bounds ``(l', u')`` the activation forward uses: integer-aligned zero point.
 
@@ -211,9 +230,11 @@ class DAQFakeQuantize(FakeQuantizeBase):
         """
         n = self.num_levels
         if self.is_unsigned:
-            upper = self.upper_bound
-            return torch.zeros_like(upper).detach(), upper
-        lower, upper = self.lower_bound, self.upper_bound
+            upper = self._capped(self.upper_bound)
+            # 0 · u rather than a constant: the same tensor properties (requires_grad) as in the
+            # signed case, so torch.compile'd kernels are not recompiled per quantizer kind
+            return upper * 0.0, upper
+        lower, upper = self.lower_bound, self._capped(self.upper_bound)
         step = (upper - lower) / n
         zero_point = torch.clamp(torch.round(-lower.detach() / step.detach()), 0, n)
         aligned = lower + (-zero_point * step.detach() - lower).detach()
@@ -284,4 +305,54 @@ class DAQFakeQuantize(FakeQuantizeBase):
             text += f", ch_axis={self.ch_axis}"
         else:
             text += f", signed={ {-1: 'auto', 0: False, 1: True}[int(self.signed.item())] }"
+            if self.upper_limit is not None:
+                text += f", upper_limit={self.upper_limit}"
         return text + f", dtype={self.dtype}, quant_min={self.quant_min}, quant_max={self.quant_max}"
+
+
+class AveragedActivation(FakeQuantizeBase):
+    """The shared activation quantizer applied to a mean / adaptive average pool of its own grid.
+
+    torch.ao lowers ``mean`` and ``adaptive_avg_pool`` to kernels that average the integer
+    codes and round *exact* ties (``k + 1/2``, frequent when averaging) half to even. The
+    float QAT graph computes the same average from dequantized values, where float error
+    decides ties at random, so the two models would diverge (seen in every SE block).
+    This module rounds like the kernel: the normalised value ``t`` within ``1e-4`` of a
+    half-integer is treated as a tie and rounded half to even, anything else is rounded as
+    usual; the result lies on the source quantizer's grid. The gradient is passed straight
+    through (the source quantizer's bounds are learned where it quantizes its own input).
+    Exact for averages of fewer than 10^4 codes.
+    """
+
+    _TIE_TOLERANCE = 1e-4
+
+    def __init__(self, source: DAQFakeQuantize) -> None:
+        super().__init__()
+        if not isinstance(source, DAQFakeQuantize) or source.is_weight:
+            raise TypeError(f"source must be an activation DAQFakeQuantize, got {source!r}")
+        object.__setattr__(self, "source", source)   # shared, not a child: no duplicate state
+        for name in ("dtype", "qscheme", "quant_min", "quant_max", "ch_axis", "is_dynamic", "activation_post_process"):
+            setattr(self, name, getattr(source, name))
+
+    def calculate_qparams(self):
+        return self.source.calculate_qparams()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        source = self.source
+        if source.fake_quant_enabled[0] == 0 or self.fake_quant_enabled[0] == 0:
+            return x
+        if source.initialized[0] == 0:
+            return source(x)
+        with torch.no_grad():
+            lower, upper = source.activation_grid()
+            n = source.num_levels
+            step = (upper - lower) / n
+            t = ((x - lower) / step).clamp(0, n)
+            floor = torch.floor(t)
+            tie = (t - floor - 0.5).abs() < self._TIE_TOLERANCE
+            q = torch.where(tie, torch.round(floor + 0.5), torch.round(t))
+            y = lower + step * q
+        return x + (y - x).detach()
+
+    def extra_repr(self) -> str:
+        return "rounds exact ties half to even, like the int8 average kernels"

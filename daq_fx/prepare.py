@@ -28,7 +28,7 @@ from torch import nn
 from torch.ao.quantization import QConfigMapping
 from torch.ao.quantization import quantize_fx as _quantize_fx
 
-from .fake_quantize import DAQFakeQuantize
+from .fake_quantize import AveragedActivation, DAQFakeQuantize
 from .qconfig import get_daq_backend_config
 
 __all__ = ["prepare_qat_fx", "prepare_timm_model", "check_batchnorm", "initialize_weight_quantizers",
@@ -59,11 +59,23 @@ def _plain_batchnorm(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
     return plain.to(next(iter(bn.state_dict().values())).device) if bn.state_dict() else plain
 
 
+#: attribute set on the ReLU that replaced a ReLU6: its quantizer's upper bound is capped at 6
+_RELU6_TAG = "_daq_relu6_limit"
+
+
+def _relu_from_relu6(relu6: nn.ReLU6) -> nn.ReLU:
+    relu = nn.ReLU(inplace=relu6.inplace)
+    setattr(relu, _RELU6_TAG, 6.0)
+    return relu
+
+
 def prepare_timm_model(model: nn.Module, relu6_to_relu: bool = True) -> nn.Module:
     """Rewrite (in place) what torch.ao FX cannot quantize correctly in timm models.
 
     * ``BatchNormAct2d(bn, drop, act)`` → ``Sequential(bn=BatchNorm2d, [drop], [act])``.
     * ``ReLU6`` → ``ReLU`` when ``relu6_to_relu`` (Conv-BN-ReLU fuses; unsigned quantizer).
+      ``daq_fx.prepare_qat_fx`` caps the upper bound of the quantizer after it at 6, so the
+      quantized model still clips at 6 (the float model without quantizers clips only at ``u``).
 
     Returns the same model object.
     """
@@ -77,12 +89,12 @@ def prepare_timm_model(model: nn.Module, relu6_to_relu: bool = True) -> nn.Modul
                     parts["drop"] = child.drop
                 act = child.act
                 if relu6_to_relu and isinstance(act, nn.ReLU6):
-                    act = nn.ReLU(inplace=act.inplace)
+                    act = _relu_from_relu6(act)
                 if not isinstance(act, nn.Identity):
                     parts["act"] = act
                 replacement = nn.Sequential(parts)
             elif relu6_to_relu and type(child) is nn.ReLU6:
-                replacement = nn.ReLU(inplace=child.inplace)
+                replacement = _relu_from_relu6(child)
             if replacement is not None:
                 setattr(parent, child_name, replacement)
     return model
@@ -170,6 +182,93 @@ def initialize_weight_quantizers(model: nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------------------
+# ReLU6 caps and exact rounding of averages
+# --------------------------------------------------------------------------------------
+
+def _relu6_anchors(model: nn.Module, prepare_custom_config) -> Dict[str, float]:
+    """Module names whose output (after prepare: after fusion) is a ReLU6-turned-ReLU output."""
+    tagged = {name for name, m in model.named_modules() if getattr(m, _RELU6_TAG, None)}
+    if not tagged:
+        return {}
+    from torch.ao.quantization.fx.tracer import QuantizationTracer
+    from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+    config = prepare_custom_config or PrepareCustomConfig()
+    if isinstance(config, dict):
+        config = PrepareCustomConfig.from_dict(config)
+    graph = QuantizationTracer(config.non_traceable_module_names, config.non_traceable_module_classes).trace(model)
+    modules = dict(model.named_modules())
+    anchors = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in tagged:
+            anchor = node.target
+            source = node.args[0] if node.args else None
+            # Conv -> BN -> ReLU and Conv -> ReLU fuse into one module named after the conv
+            if isinstance(source, torch.fx.Node) and source.op == "call_module" and \
+                    isinstance(modules.get(source.target), nn.modules.batchnorm._BatchNorm):
+                source = source.args[0]
+            if isinstance(source, torch.fx.Node) and source.op == "call_module" and \
+                    isinstance(modules.get(source.target), (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                anchor = source.target
+            anchors[anchor] = 6.0
+            anchors[node.target] = 6.0
+    return anchors
+
+
+def _apply_relu6_caps(prepared: torch.fx.GraphModule, anchors: Dict[str, float]) -> int:
+    count = 0
+    for node in prepared.graph.nodes:
+        if node.op == "call_module" and node.target in anchors:
+            for user in node.users:
+                if user.op == "call_module":
+                    fq = prepared.get_submodule(user.target)
+                    if isinstance(fq, DAQFakeQuantize) and not fq.is_weight:
+                        fq.set_upper_limit(anchors[node.target])
+                        count += 1
+    return count
+
+
+_AVERAGING_METHODS = {"mean"}
+_AVERAGING_FUNCTIONS = {torch.mean, torch.nn.functional.adaptive_avg_pool2d, torch._C._nn.adaptive_avg_pool2d,
+                        torch.nn.functional.adaptive_avg_pool1d, torch.adaptive_avg_pool1d}
+_AVERAGING_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+
+
+def _is_averaging(node: torch.fx.Node, modules) -> bool:
+    if node.op == "call_method":
+        return node.target in _AVERAGING_METHODS
+    if node.op == "call_function":
+        return node.target in _AVERAGING_FUNCTIONS
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), _AVERAGING_MODULES)
+    return False
+
+
+def _wrap_averages(prepared: torch.fx.GraphModule) -> int:
+    """Route the (shared) quantizer after mean / adaptive-average-pool through :class:`AveragedActivation`."""
+    # named_modules() lists a shared quantizer once: resolve every node's target instead
+    modules = {node.target: prepared.get_submodule(node.target)
+               for node in prepared.graph.nodes if node.op == "call_module"}
+    count = 0
+    for node in list(prepared.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), DAQFakeQuantize):
+            continue
+        source = node.args[0]
+        if not isinstance(source, torch.fx.Node) or not _is_averaging(source, modules):
+            continue
+        data = source.args[0]
+        if not (isinstance(data, torch.fx.Node) and data.op == "call_module"
+                and modules.get(data.target) is modules[node.target]):
+            continue     # only the shared-grid case: the int kernel averages codes of that grid
+        name = f"{node.target.replace('.', '_')}_average"
+        prepared.add_submodule(name, AveragedActivation(modules[node.target]))
+        node.target = name
+        count += 1
+    if count:
+        prepared.recompile()
+    return count
+
+
+# --------------------------------------------------------------------------------------
 # tracing errors that name the module
 # --------------------------------------------------------------------------------------
 
@@ -241,6 +340,7 @@ def prepare_qat_fx(model: nn.Module, qconfig_mapping: QConfigMapping | Dict[str,
         backend_config = get_daq_backend_config(backend)
     model.train()
     try:
+        anchors = _relu6_anchors(model, prepare_custom_config)
         prepared = _quantize_fx.prepare_qat_fx(model, qconfig_mapping, example_inputs,
                                                prepare_custom_config=prepare_custom_config,
                                                backend_config=backend_config)
@@ -250,6 +350,8 @@ def prepare_qat_fx(model: nn.Module, qconfig_mapping: QConfigMapping | Dict[str,
             raise
         raise explained.with_traceback(None) from error
     initialize_weight_quantizers(prepared)
+    _apply_relu6_caps(prepared, anchors)
+    _wrap_averages(prepared)
     prepared.meta["daq_backend"] = backend
     prepared.meta["daq_backend_config"] = backend_config
     prepared.meta["daq_example_inputs"] = tuple(x.detach().clone() if isinstance(x, torch.Tensor) else x
