@@ -22,7 +22,7 @@ from brevitas.export.onnx.qonnx.function import BrevitasQuantOp
 from brevitas.export.onnx.qonnx.handler import BrevitasActQuantProxyHandler, BrevitasWeightQuantProxyHandler
 from brevitas.export.onnx.qonnx.manager import QONNXManager
 
-from .proxy import DAQActQuantProxy, DAQWeightQuantProxy
+from .proxy import UNINITIALISED_EXPORT_MESSAGE, DAQActQuantProxy, DAQExportError, DAQWeightQuantProxy
 
 __all__ = ["DAQWeightQuantProxyHandler", "DAQActQuantProxyHandler", "register_qonnx_handlers"]
 
@@ -59,6 +59,10 @@ class DAQActQuantProxyHandler(BrevitasActQuantProxyHandler):
         pass
 
     def prepare_for_export(self, module):
+        if module.is_quant_enabled:
+            scaling = module.fused_activation_quant_proxy.tensor_quant.scaling_impl
+            if not bool(scaling.initialized):
+                raise DAQExportError(UNINITIALISED_EXPORT_MESSAGE)
         super().prepare_for_export(module)
         if module.is_quant_enabled:
             self.quant_op = BrevitasQuantOp

@@ -16,7 +16,13 @@ __all__ = ["DAQWeightQuantProxy", "DAQActQuantProxy", "DAQExportError"]
 
 
 class DAQExportError(RuntimeError):
-    """Raised when a DAQ quantizer is exported in a format that cannot represent its grid."""
+    """Raised when a DAQ quantizer is exported in a format that cannot represent its grid, or uninitialised."""
+
+
+UNINITIALISED_EXPORT_MESSAGE = (
+    "a DAQ activation quantizer has not seen data yet (its bounds are still placeholders): run at least one "
+    "forward pass with representative inputs before exporting, otherwise the bounds would be set from the "
+    "export's example input")
 
 
 def _guarded_export_mode_setter(kind: str):
@@ -45,3 +51,12 @@ class DAQActQuantProxy(ActQuantProxyFromInjector):
     """``ActQuantProxyFromInjector`` that refuses non-QONNX exports (see module docstring)."""
 
     export_mode = property(ExportMixin.export_mode.fget, _guarded_export_mode_setter("activation"))
+
+    def forward(self, x):
+        # Brevitas's exporters attach handlers, then run one forward with the example input before
+        # entering export mode: an uninitialised quantizer would silently take its bounds from that input.
+        if self.export_handler is not None and self.is_quant_enabled:
+            scaling = self.fused_activation_quant_proxy.tensor_quant.scaling_impl
+            if not bool(scaling.initialized):
+                raise DAQExportError(UNINITIALISED_EXPORT_MESSAGE)
+        return super().forward(x)

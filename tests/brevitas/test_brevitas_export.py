@@ -86,3 +86,10 @@ def test_qcdq_export_is_refused(tmp_path):
     relu(torch.randn(4, 8))
     with pytest.raises(DAQExportError, match="zero point"):
         export_onnx_qcdq(relu, args=torch.randn(1, 8), export_path=str(tmp_path / "y.onnx"), dynamo=False)
+
+
+def test_export_before_initialisation_is_refused(tmp_path):
+    from brevitas.export import export_qonnx
+    model = _Small(4, 4).eval()
+    with pytest.raises(DAQExportError, match="forward pass"):
+        export_qonnx(model, args=torch.randn(1, 3, 12, 12), export_path=str(tmp_path / "u.onnx"), dynamo=False)
