@@ -382,7 +382,8 @@ class Pipeline:
                     nn.init.zeros_(head.bias)
         self.metrics = MetricsLog(self.out / "metrics.jsonl", self.dist.main)
         self.results: Dict = {}
-        self.workers = a.workers if a.workers is not None else (0 if self.data.in_memory else 4)
+        self.workers = a.workers if a.workers is not None else (
+            0 if self.data.in_memory else min(4, max(1, (os.cpu_count() or 1) - 1)))
 
     def loader(self, ds, train: bool, epoch: int = 0, stage: str = "float"):
         a = self.args
@@ -852,7 +853,10 @@ def main(argv, recipe: str, description: str, defaults: Dict, float_layers: Sequ
         args.float_lr = args.lr
     pipe = Pipeline(args, recipe, float_layers)
     old = signal.getsignal(signal.SIGTERM)
+    old_int = signal.getsignal(signal.SIGINT)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Ctrl-C must interrupt even when started from a shell that ignores SIGINT (nohup, `&`)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         pipe.run()
     except KeyboardInterrupt:
@@ -871,6 +875,7 @@ def main(argv, recipe: str, description: str, defaults: Dict, float_layers: Sequ
         return 2
     finally:
         signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGINT, old_int)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0

@@ -36,7 +36,7 @@ def make_image_folder(root: Path, classes: int = 4, train_per_class: int = 24, v
 def base_args(data: Path, out: Path, *extra: str):
     return ["--data", str(data), "--model", "resnet20_cifar", "--img-size", "16", "--batch-size", "16",
             "--float-epochs", "1", "--float-lr", "0.05", "--epochs", "2", "--lr", "0.01", "--no-progress",
-            "--eval-batch-size", "64", "--output", str(out), *extra]
+            "--eval-batch-size", "64", "--workers", "0", "--output", str(out), *extra]
 
 
 def run_recipe(module: str, args, env_extra=None, timeout=300, torchrun_procs: int = 0):
