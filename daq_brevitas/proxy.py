@@ -55,7 +55,7 @@ class DAQActQuantProxy(ActQuantProxyFromInjector):
     def forward(self, x):
         # Brevitas's exporters attach handlers, then run one forward with the example input before
         # entering export mode: an uninitialised quantizer would silently take its bounds from that input.
-        if self.export_handler is not None and self.is_quant_enabled:
+        if self.export_handler is not None and not self.export_mode and self.is_quant_enabled:
             scaling = self.fused_activation_quant_proxy.tensor_quant.scaling_impl
             if not bool(scaling.initialized):
                 raise DAQExportError(UNINITIALISED_EXPORT_MESSAGE)
