@@ -49,7 +49,8 @@ def _check_backend(backend: str) -> str:
 
 def get_daq_qconfig(weight_bits: int = 4, act_bits: int = 4, per_channel: bool = True,
                     gamma: float = DEFAULT_GAMMA, weight_sigma: Optional[float] = None,
-                    act_sigma: Optional[float] = None, act_signed: Optional[bool] = None) -> QConfig:
+                    act_sigma: Optional[float] = None, act_signed: Optional[bool] = None,
+                    init: str = "mse") -> QConfig:
     """A ``QConfig`` with DAQ weight and activation fake-quants (DAQ-SPEC §3-4).
 
     Args:
@@ -61,6 +62,7 @@ def get_daq_qconfig(weight_bits: int = 4, act_bits: int = 4, per_channel: bool =
             gives the paper's per-layer form.
         gamma, weight_sigma, act_sigma: DASR hyperparameters (paper: 2, 1, 2).
         act_signed: ``None`` decides ``l = 0`` per activation on the first batch.
+        init: ``"mse"`` (default) or ``"std"`` (the paper's ±3 std bounds), see :class:`DAQFakeQuantize`.
 
     Example:
         >>> qconfig = get_daq_qconfig(weight_bits=2, act_bits=2)
@@ -73,17 +75,17 @@ def get_daq_qconfig(weight_bits: int = 4, act_bits: int = 4, per_channel: bool =
     if not isinstance(per_channel, bool):
         raise TypeError(f"per_channel must be True or False, got {per_channel!r}")
     weight = DAQFakeQuantize.with_args(role=WEIGHT, bits=weight_bits, ch_axis=0 if per_channel else None,
-                                       gamma=gamma, sigma=weight_sigma)
+                                       gamma=gamma, sigma=weight_sigma, init=init)
     activation = DAQFakeQuantize.with_args(role=ACTIVATION, bits=act_bits, gamma=gamma, sigma=act_sigma,
-                                           signed=act_signed)
+                                           signed=act_signed, init=init)
     return QConfig(activation=activation, weight=weight)
 
 
 def get_daq_qat_qconfig_mapping(backend: str = "x86", weight_bits: int = 4, act_bits: int = 4,
                                 per_channel: bool = True, float_module_names: Iterable[str] = (),
                                 float_module_types: Iterable[type] = (), gamma: float = DEFAULT_GAMMA,
-                                weight_sigma: Optional[float] = None, act_sigma: Optional[float] = None
-                                ) -> QConfigMapping:
+                                weight_sigma: Optional[float] = None, act_sigma: Optional[float] = None,
+                                init: str = "mse") -> QConfigMapping:
     """torch's default QAT ``QConfigMapping`` for ``backend`` with DAQ as the global qconfig.
 
     The default is *fully quantized* (every conv/linear and activation, as the paper does for
@@ -100,10 +102,10 @@ def get_daq_qat_qconfig_mapping(backend: str = "x86", weight_bits: int = 4, act_
         ...                                       float_module_names=first_and_last_layer_names(model))
     """
     backend = _check_backend(backend)
-    qconfig = get_daq_qconfig(weight_bits, act_bits, per_channel, gamma, weight_sigma, act_sigma)
+    qconfig = get_daq_qconfig(weight_bits, act_bits, per_channel, gamma, weight_sigma, act_sigma, init=init)
     mapping = get_default_qat_qconfig_mapping(backend).set_global(qconfig)
     if per_channel:
-        per_tensor = get_daq_qconfig(weight_bits, act_bits, False, gamma, weight_sigma, act_sigma)
+        per_tensor = get_daq_qconfig(weight_bits, act_bits, False, gamma, weight_sigma, act_sigma, init=init)
         for transposed in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
             mapping.set_object_type(transposed, per_tensor)
     if isinstance(float_module_names, str):

@@ -55,7 +55,7 @@ def test_weight_output_scale_initialised_by_least_squares():
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_activation_unsigned_decided_on_first_batch(bits):
-    fq = DAQFakeQuantize(role="activation", bits=bits)
+    fq = DAQFakeQuantize(role="activation", bits=bits, init="std")
     x = torch.relu(torch.randn(64, 16))
     y = fq(x)
     assert fq.is_unsigned
@@ -65,6 +65,17 @@ def test_activation_unsigned_decided_on_first_batch(bits):
     codes = y / scale
     assert torch.allclose(codes, codes.round(), atol=1e-4)
     assert codes.min() >= 0 and codes.max() <= 2**bits - 1
+
+
+@pytest.mark.parametrize("role", ["weight", "activation"])
+def test_mse_init_is_never_worse_than_the_paper_init(role):
+    x = torch.randn(16, 64) ** 3 if role == "weight" else torch.relu(torch.randn(4096)) ** 2   # heavy tails
+    kwargs = dict(ch_axis=0) if role == "weight" else {}
+    errors = {}
+    for init in ("std", "mse"):
+        fq = DAQFakeQuantize(role=role, bits=4, init=init, **kwargs)
+        errors[init] = (fq(x) - x).pow(2).mean().item()
+    assert errors["mse"] <= errors["std"] + 1e-9
 
 
 def test_activation_signed_has_integer_zero_point_and_exact_grid():
@@ -146,5 +157,7 @@ def test_bad_arguments_name_themselves():
         DAQFakeQuantize(role="activation", ch_axis=1)
     with pytest.raises(TypeError, match="signed"):
         DAQFakeQuantize(role="activation", signed="yes")
+    with pytest.raises(ValueError, match="init"):
+        DAQFakeQuantize(init="minmax")
     with pytest.raises(ValueError, match="gamma"):
         DAQFakeQuantize(gamma=-1.0)
