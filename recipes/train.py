@@ -368,7 +368,8 @@ class Pipeline:
         self.val_set = data_mod.subset(self.data.val, a.val_subset, a.seed)
         if len(self.train_set) == 0 or len(self.val_set) == 0:
             raise RecipeError("the training or validation set is empty")
-        # validate the model name (and the initial checkpoint) before any training
+        # validate the model name (and the initial checkpoint) before any training; random init is seeded
+        seed_everything(a.seed)
         self.float_model = models_mod.create_model(a.model, self.data.num_classes, a.pretrained,
                                                    a.initial_checkpoint)
         if not (a.pretrained or a.initial_checkpoint) and a.float_epochs > 0 and a.head_init_std > 0:
@@ -516,7 +517,7 @@ class Pipeline:
                 for s in schedulers:
                     s.step()
                 step += 1
-                if int(os.environ.get("DAQ_RECIPE_SIGINT_AT_STEP", "0")) == step:  # test hook: Ctrl-C mid-epoch
+                if os.environ.get("DAQ_RECIPE_SIGINT_AT") == f"{stage}:{step}":  # test hook: Ctrl-C mid-epoch
                     os.kill(os.getpid(), signal.SIGINT)
                 bs = y.numel()
                 loss_sum += loss.item() * bs

@@ -77,12 +77,12 @@ def test_kill_after_first_qat_checkpoint_then_resume_is_bitwise_identical(refere
 def test_ctrl_c_mid_epoch_keeps_last_checkpoint_and_resumes(reference_run, tiny_data, tmp_path):
     ref_out, _ = reference_run
     out = tmp_path / "interrupted"
-    # 6 steps per epoch (96 images / 16): step 9 is in the middle of QAT epoch 1
-    res = run_recipe(MODULE, base_args(tiny_data, out), {"DAQ_RECIPE_SIGINT_AT_STEP": "9"})
+    # 6 steps per epoch (96 images / 16): QAT step 9 is in the middle of QAT epoch 2
+    res = run_recipe(MODULE, base_args(tiny_data, out), {"DAQ_RECIPE_SIGINT_AT": "qat:9"})
     assert res.returncode == 130, res.stdout[-2000:] + res.stderr[-2000:]
-    assert "interrupted during qat epoch 1" in res.stderr and "--resume" in res.stderr
+    assert "interrupted during qat epoch 2" in res.stderr and "--resume" in res.stderr
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)  # not corrupt
-    assert (ckpt["stage"], ckpt["epoch"]) == ("float", 1)
+    assert (ckpt["stage"], ckpt["epoch"]) == ("qat", 1)
     assert not list(out.glob(".*tmp*"))
     res = run_recipe(MODULE, base_args(tiny_data, out, "--resume"))
     assert res.returncode == 0, res.stderr[-3000:]
