@@ -403,7 +403,8 @@ class AveragedActivation(FakeQuantizeBase):
     float QAT graph computes the same average from dequantized values, where float error
     decides ties at random, so the two models would diverge (seen in every SE block).
     This module rounds like the kernel: the normalised value ``t`` within ``1e-4`` of a
-    half-integer is treated as a tie and rounded half to even, anything else is rounded as
+    half-integer is treated as a tie and ``t - zero_point`` rounded half to even (what the
+    kernels do), anything else is rounded as
     usual; the result lies on the source quantizer's grid. The gradient is passed straight
     through (the source quantizer's bounds are learned where it quantizes its own input).
     Exact for averages of fewer than 10^4 codes.
@@ -435,7 +436,9 @@ class AveragedActivation(FakeQuantizeBase):
             t = ((x - lower) / step).clamp(0, n)
             floor = torch.floor(t)
             tie = (t - floor - 0.5).abs() < self._TIE_TOLERANCE
-            q = torch.where(tie, torch.round(floor + 0.5), torch.round(t))
+            # the kernels average ``code - zero_point`` and round that half to even
+            zero_point = torch.round(-lower / step)
+            q = torch.where(tie, torch.round(floor + 0.5 - zero_point) + zero_point, torch.round(t))
             y = lower + step * q
         return x + (y - x).detach()
 

@@ -1,0 +1,86 @@
+"""A trained network (CIFAR-10 ResNet-20, shared checkpoint) through DAQ QAT and convert.
+
+Checks what random-init networks cannot show: accuracy right after prepare stays near
+float at W4A4 (INTEGRATION-NOTES), and the int8 x86 model meets the issue's agreement
+thresholds (top-1 ≥ 99.5 %, cosine ≥ 0.999) on real images. Skips where ../shared/data
+is absent (users' checkouts).
+"""
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+import daq_fx
+
+MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+STD = torch.tensor([0.247, 0.243, 0.261]).view(1, 3, 1, 1)
+
+
+def _images(shared_data, per_class=40):
+    from PIL import Image
+    images, labels, counts = [], [], {}
+    with tarfile.open(shared_data / "cifar10-jpeg-train.tar.gz") as tar:
+        for member in tar:
+            if not (member.isfile() and member.name.endswith(".jpg")):
+                continue
+            cls = member.name.split("/")[-2]
+            if counts.get(cls, 0) >= per_class:
+                if len(counts) == 10 and min(counts.values()) >= per_class:
+                    break
+                continue
+            counts[cls] = counts.get(cls, 0) + 1
+            images.append(np.array(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")))
+            labels.append(cls)
+    names = sorted(set(labels))
+    x = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+    return (x - MEAN) / STD, torch.tensor([names.index(c) for c in labels])
+
+
+@pytest.fixture(scope="module")
+def resnet20_and_data(request):
+    from pathlib import Path
+    data = Path(__file__).resolve().parents[3] / "shared" / "data"
+    if not (data / "resnet20-cifar10-12fca82f.th").is_file():
+        pytest.skip(f"needs {data} (project CI and dev machines)")
+    models = pytest.importorskip("recipes.models")
+    model = models.create_model("resnet20_cifar", 10)
+    models.load_float_checkpoint(model, str(data / "resnet20-cifar10-12fca82f.th"))
+    x, y = _images(data)
+    return model, x, y
+
+
+def _accuracy(logits, y):
+    return (logits.argmax(1) == y).float().mean().item()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weight_bits,act_bits,min_prepared_accuracy", [(4, 4, 0.55), (2, 2, 0.0)])
+def test_trained_resnet20(resnet20_and_data, weight_bits, act_bits, min_prepared_accuracy):
+    torch.backends.quantized.engine = "x86"
+    model, x, y = resnet20_and_data
+    model.eval()
+    with torch.no_grad():
+        float_accuracy = _accuracy(model(x), y)
+    assert float_accuracy > 0.8
+    model.train()
+    mapping = daq_fx.get_daq_qat_qconfig_mapping("x86", weight_bits, act_bits,
+                                                 float_module_names=daq_fx.first_and_last_layer_names(model))
+    qat = daq_fx.prepare_qat_fx(model, mapping, (x[:2],))
+    with torch.no_grad():
+        qat(x[:128])                                        # first batch: bounds
+    qat.eval()
+    with torch.no_grad():
+        expected = qat(x)
+    prepared_accuracy = _accuracy(expected, y)
+    print(f"W{weight_bits}A{act_bits}: float {float_accuracy:.3f}, right after prepare {prepared_accuracy:.3f}")
+    assert prepared_accuracy >= min_prepared_accuracy        # W4A4 measured 0.685 (float 0.848)
+    int8 = daq_fx.convert_fx(qat)
+    with torch.no_grad():
+        got = int8(x)
+    top1 = (got.argmax(1) == expected.argmax(1)).float().mean().item()
+    cos = torch.nn.functional.cosine_similarity(got.flatten().double(), expected.flatten().double(), 0).item()
+    print(f"  int8 x86 vs QAT: top-1 agreement {top1:.4f}, cosine {cos:.6f}")
+    assert top1 >= 0.995 and cos >= 0.999
