@@ -542,8 +542,10 @@ class Pipeline:
                               not a.no_progress)
                 rec.update(val_acc=ev["acc"], val_loss=ev["loss"])
             self._in_epoch = None
-            self.save_checkpoint(stage, epoch + 1, model, optimizers, schedulers, step)
+            # log first: a resume truncates the log to its checkpoint, so a kill between the two
+            # lines can neither lose nor duplicate a record
             self.metrics.write(rec)
+            self.save_checkpoint(stage, epoch + 1, model, optimizers, schedulers, step)
             self.log(f"[{stage}] epoch {epoch + 1}/{epochs}  train loss {rec['train_loss']:.4f} acc"
                      f" {rec['train_acc']:.2f}%  val acc {rec.get('val_acc', float('nan')):.2f}%"
                      f"  {rec['img_per_s']:.0f} img/s  {ep_time:.1f}s")
