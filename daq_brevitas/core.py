@@ -49,6 +49,30 @@ __all__ = [
 WEIGHT_BOUND_INIT = 3.0
 
 
+#: Candidate weight bounds (on the normalised weight) tried by the "mse" initialisation, besides init_bound.
+MSE_WEIGHT_BOUNDS = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0)
+
+
+def _check_init(init) -> str:
+    if init not in ("mse", "std"):
+        raise ValueError(f"init must be 'mse' or 'std' (the paper's 3-std bounds), got {init!r}")
+    return init
+
+
+def _check_center(center, num_channels: int) -> bool:
+    if center is None:
+        return num_channels <= 1
+    if not isinstance(center, bool):
+        raise TypeError(f"center must be True, False or None, got {center!r}")
+    return center
+
+
+def _other_dims(x: Tensor, ch_axis: Optional[int]):
+    if ch_axis is None or x.dim() == 0:
+        return list(range(x.dim()))
+    return [d for d in range(x.dim()) if d != ch_axis % x.dim()]
+
+
 def snap_to_grid(y: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
     """Represent DAQ's levels exactly as Brevitas dequantizes them: ``(int - zero_point) * scale``.
 
@@ -92,24 +116,31 @@ class DAQWeightScaling(_IgnoreMissingKeysMixin, nn.Module):
         bit_width: weight bit-width ``b`` (needed for the initial scale).
         num_channels: 1 for per-tensor state, the number of output channels for per-channel.
         ch_axis: the output-channel axis of the weight (per-channel only).
-        init_bound: initial ``u = -l`` on the standardised weight (3, DAQ-SPEC §3).
+        init_bound: initial ``u = -l`` on the normalised weight (3, DAQ-SPEC §3).
+        init: ``"std"``: ``±init_bound`` (the paper); ``"mse"`` (default, as ``daq_fx``): the bound among
+            ``init_bound`` and ``MSE_WEIGHT_BOUNDS`` with the least squared weight error (per channel).
+        center: ``True``: ``(W - mean)/std`` (the paper; default per tensor); ``False`` (default per
+            channel, as ``daq_fx``): ``W / rms``. The no-zero grid has no offset, so a per-channel
+            mean would be lost from the layer (it multiplies the sum of the inputs: large after a ReLU).
 
     Returns:
         ``(lower, upper, scale)``, each of shape ``()`` or ``(num_channels,)``.
 
     Example:
-        >>> scaling = DAQWeightScaling(bit_width=2)
+        >>> scaling = DAQWeightScaling(bit_width=2, init="std")
         >>> lower, upper, scale = scaling(torch.randn(8, 4))
         >>> float(lower), float(upper), bool(scaling.initialized)
         (-3.0, 3.0, True)
     """
 
     def __init__(self, bit_width: int, num_channels: int = 1, ch_axis: Optional[int] = None,
-                 init_bound: float = WEIGHT_BOUND_INIT, dtype: Optional[torch.dtype] = None,
-                 device: Optional[torch.device] = None):
+                 init_bound: float = WEIGHT_BOUND_INIT, init: str = "mse", center: Optional[bool] = None,
+                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
         super().__init__()
         self.bits = check_bits(bit_width, "weight_bit_width")
         init_bound = check_positive(init_bound, "init_bound")
+        self.init_method = _check_init(init)
+        self.center = _check_center(center, num_channels)
         self.ch_axis = ch_axis if num_channels > 1 else None
         shape = (num_channels,) if num_channels > 1 else ()
         kw = dict(dtype=dtype or torch.float32, device=device)
@@ -118,11 +149,48 @@ class DAQWeightScaling(_IgnoreMissingKeysMixin, nn.Module):
         self.scale = nn.Parameter(torch.ones(shape, **kw))
         self.register_buffer("initialized", torch.tensor(False, device=device))
 
+    def normalize(self, weight: Tensor) -> Tensor:
+        """The input of Eq. 1: ``(W - mean)/std`` if ``center`` (the paper), else ``W / rms`` (constants for autograd)."""
+        if self.center:
+            return daq_core.standardize(weight, self.ch_axis)[0]
+        with torch.no_grad():
+            wf = weight.detach().float()
+            dims = _other_dims(weight, self.ch_axis)
+            rms = wf.pow(2).mean(dim=dims, keepdim=True).sqrt().clamp_min(1e-12).to(weight.dtype)
+        return weight / rms
+
+    @torch.no_grad()
+    def _fit(self, weight: Tensor, bound: Tensor) -> Tuple[Tensor, Tensor]:
+        """Least-squares scale ``s = <W, w_q>/<w_q, w_q>`` (DAQ-SPEC §5, weight-only) and the squared error."""
+        wf = weight.detach().float()
+        b = bound if self.ch_axis is not None else bound.reshape(())
+        grid = daq_core.fake_quantize_weight(self.normalize(wf), -b, b, 1.0, self.bits, ch_axis=self.ch_axis,
+                                             standardize_input=False)
+        dims = _other_dims(wf, self.ch_axis)
+        scale = (wf * grid).sum(dim=dims) / (grid * grid).sum(dim=dims).clamp_min(1e-12)
+        scale = torch.where(scale > 0, scale, wf.abs().amax().clamp_min(1e-8))
+        shaped = scale.reshape([-1] + [1] * (wf.dim() - 1)) if self.ch_axis is not None else scale
+        if self.ch_axis not in (None, 0):
+            shaped = scale.reshape([-1 if d == self.ch_axis % wf.dim() else 1 for d in range(wf.dim())])
+        error = ((wf - shaped * grid) ** 2).sum(dim=dims)
+        return scale.reshape(self.scale.shape), error.reshape(self.scale.shape)
+
     @torch.no_grad()
     def initialize(self, weight: Tensor) -> None:
-        """Least-squares output scale ``s = <W, w_q>/<w_q, w_q>`` for the current bounds."""
-        scale = daq_core.init_weight_scale(weight.detach(), self.lower, self.upper, self.bits, self.ch_axis)
-        self.scale.copy_(scale.reshape(self.scale.shape))
+        """Bounds ``±3`` (``"std"``, DAQ-SPEC §3) or, with ``"mse"``, the candidate bound in
+        {1.5, ..., 6} with the least squared error (per channel), and the least-squares output scale."""
+        bound = self.upper.detach().clone()
+        scale, best = self._fit(weight, bound)
+        if self.init_method == "mse":
+            for candidate in MSE_WEIGHT_BOUNDS:
+                cand = torch.full_like(bound, candidate)
+                cand_scale, error = self._fit(weight, cand)
+                better = error < best
+                bound, scale, best = (torch.where(better, cand, bound), torch.where(better, cand_scale, scale),
+                                      torch.where(better, error, best))
+        self.lower.copy_(-bound)
+        self.upper.copy_(bound)
+        self.scale.copy_(scale)
         self.initialized.fill_(True)
 
     def forward(self, weight: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -131,7 +199,8 @@ class DAQWeightScaling(_IgnoreMissingKeysMixin, nn.Module):
         return self.lower, self.upper, self.scale
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, shape={tuple(self.lower.shape)}, ch_axis={self.ch_axis}"
+        return (f"bits={self.bits}, shape={tuple(self.lower.shape)}, ch_axis={self.ch_axis}, "
+                f"init={self.init_method!r}, center={self.center}")
 
 
 class DAQActScaling(_IgnoreMissingKeysMixin, nn.Module):
@@ -145,6 +214,9 @@ class DAQActScaling(_IgnoreMissingKeysMixin, nn.Module):
         signed: whether ``l`` is learned (signed inputs) or fixed at 0.
         learn_lower_bound: the quantizer's declared kind; must agree with ``signed``.
         init_num_std: the first-batch bounds are ``init_num_std`` standard deviations (3, DAQ-SPEC §4).
+        init: ``"std"``: those bounds (the paper); ``"mse"`` (default, as ``daq_fx``): the candidate among
+            them and the batch range scaled by 0.1 … 1 with the least quantization error.
+        bit_width: ``b`` (the "mse" search evaluates the actual grid).
 
     Returns:
         ``(lower, upper)`` as 0-d tensors.
@@ -157,10 +229,12 @@ class DAQActScaling(_IgnoreMissingKeysMixin, nn.Module):
     """
 
     def __init__(self, signed: bool, learn_lower_bound: Optional[bool] = None, quantizer: str = "",
-                 init_num_std: float = 3.0, dtype: Optional[torch.dtype] = None,
-                 device: Optional[torch.device] = None):
+                 init_num_std: float = 3.0, init: str = "mse", bit_width: int = 8,
+                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
         super().__init__()
         self.init_num_std = check_positive(init_num_std, "init_num_std")
+        self.init_method = _check_init(init)
+        self.bits = check_bits(bit_width, "bit_width")
         if learn_lower_bound is not None and bool(learn_lower_bound) != bool(signed):
             name = quantizer or "this activation quantizer"
             if signed:
@@ -183,9 +257,30 @@ class DAQActScaling(_IgnoreMissingKeysMixin, nn.Module):
     def initialize(self, x: Tensor) -> None:
         """First-batch bounds of ``daq_core.init_activation_bounds`` (DAQ-SPEC §4)."""
         lower, upper = daq_core.init_activation_bounds(x, signed=self.signed, num_std=self.init_num_std)
+        if self.init_method == "mse":
+            lower, upper = self._mse_bounds(x, lower, upper)
         self.lower.copy_(lower)
         self.upper.copy_(upper)
         self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def _mse_bounds(self, x: Tensor, lower: Tensor, upper: Tensor) -> Tuple[Tensor, Tensor]:
+        """The ``init_num_std`` bounds or the batch range scaled by 0.1 … 1, whichever quantizes ``x``
+        with the least squared error (``l = 0`` when unsigned)."""
+        xf = x.detach().float().flatten()
+        if xf.numel() > (1 << 18):
+            xf = xf[torch.randperm(xf.numel(), device=xf.device)[: 1 << 18]]
+        lo = torch.zeros((), device=xf.device) if not self.signed else xf.min().clamp(max=-1e-6)
+        hi = xf.max().clamp(min=1e-6)
+        candidates = [(lower, upper)] + [(lo * c, hi * c) for c in torch.linspace(0.1, 1.0, 19).tolist()]
+        best, best_error = (lower, upper), None
+        for lo_c, hi_c in candidates:
+            if not bool(hi_c > lo_c):
+                continue
+            error = (daq_core.fake_quantize_activation(xf, lo_c.reshape(()), hi_c.reshape(()), self.bits) - xf).pow(2).mean()
+            if best_error is None or error < best_error:
+                best, best_error = (lo_c, hi_c), error
+        return best[0].reshape(()), best[1].reshape(())
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         if not bool(self.initialized) and x.numel() > 1:
@@ -221,9 +316,10 @@ class DASRWeightIntQuant(nn.Module):
         self.input_view_impl = Identity()
 
     def forward(self, w: Tensor, lower: Tensor, upper: Tensor, scale: Tensor) -> Tensor:
+        """``w`` is the normalised weight (see :meth:`DAQWeightScaling.normalize`)."""
         ch_axis = self.ch_axis if lower.numel() > 1 else None
         return daq_core.fake_quantize_weight(w, lower, upper, scale.abs(), self.bits, self.gamma, self.sigma,
-                                             ch_axis=ch_axis)
+                                             ch_axis=ch_axis, standardize_input=False)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, gamma={self.gamma}, sigma={self.sigma}"
@@ -326,7 +422,7 @@ class DAQWeightTensorQuant(_BitWidthRecordMixin, nn.Module):
         zero_point = torch.tensor(0.0 if self.n == 1 else -0.5, dtype=x.dtype, device=x.device)
         if self.observer_only:
             return x, out_scale, zero_point, bit_width
-        y = snap_to_grid(self.int_quant(x, lower, upper, scale), out_scale, zero_point)
+        y = snap_to_grid(self.int_quant(self.scaling_impl.normalize(x), lower, upper, scale), out_scale, zero_point)
         return y, out_scale, zero_point, bit_width
 
 

@@ -56,6 +56,8 @@ class DAQWeightPerTensor(WeightQuantSolver):
     gamma = daq_core.DEFAULT_GAMMA
     sigma = daq_core.DEFAULT_WEIGHT_SIGMA
     init_bound = 3.0  # l, u = -3, 3 on the standardised weight (DAQ-SPEC §3)
+    init = "mse"      # "std": the paper's ±init_bound; "mse": least-error bound per channel (as daq_fx)
+    center = None     # None: (W - mean)/std per tensor (the paper), W / rms per channel (as daq_fx)
     num_channels = 1
 
     @value
@@ -94,6 +96,7 @@ class DAQActPerTensor(ActQuantSolver):
     gamma = daq_core.DEFAULT_GAMMA
     sigma = daq_core.DEFAULT_ACT_SIGMA
     init_num_std = 3.0  # first-batch bounds: 3 std (DAQ-SPEC §4)
+    init = "mse"        # "std": exactly those; "mse": least-error bounds among them and fractions of the range
 
     @value
     def quantizer(learn_lower_bound):

@@ -78,7 +78,17 @@ def test_same_numerics_as_daq_core():
     conv = qnn.QuantConv2d(8, 16, 3, weight_quant=DAQWeightPerChannel, weight_bit_width=3, bias=False)
     qw = conv.quant_weight().value
     s = weight_scalings(conv)[0]
-    ref = daq_core.fake_quantize_weight(conv.weight, s.lower, s.upper, s.scale, 3, ch_axis=0)
+    assert not s.center, "per-channel weights are divided by their rms (no mean removal), as in daq_fx"
+    rms = conv.weight.detach().pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
+    ref = daq_core.fake_quantize_weight(conv.weight / rms, s.lower, s.upper, s.scale, 3, ch_axis=0,
+                                        standardize_input=False)
+    assert torch.allclose(qw, ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
+
+    conv = qnn.QuantConv2d(8, 16, 3, weight_quant=DAQWeightPerTensor, weight_bit_width=3, bias=False)
+    qw = conv.quant_weight().value
+    s = weight_scalings(conv)[0]
+    assert s.center, "per-tensor weights are standardised as in the paper"
+    ref = daq_core.fake_quantize_weight(conv.weight, s.lower, s.upper, s.scale, 3)
     assert torch.allclose(qw, ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
 
     act = qnn.QuantReLU(act_quant=DAQActPerTensor, bit_width=3)
@@ -89,10 +99,22 @@ def test_same_numerics_as_daq_core():
     assert torch.allclose(y, ref, rtol=0, atol=1e-6)
 
 
-def test_first_batch_initialisation():
+class _PaperAct(DAQActPerTensor):
+    init = "std"
+
+
+class _PaperSignedAct(DAQSignedActPerTensor):
+    init = "std"
+
+
+class _PaperWeight(DAQWeightPerTensor):
+    init = "std"
+
+
+def test_first_batch_initialisation_paper():
     torch.manual_seed(2)
-    relu = qnn.QuantReLU(act_quant=DAQActPerTensor, bit_width=4)
-    signed = qnn.QuantIdentity(act_quant=DAQSignedActPerTensor, bit_width=4)
+    relu = qnn.QuantReLU(act_quant=_PaperAct, bit_width=4)
+    signed = qnn.QuantIdentity(act_quant=_PaperSignedAct, bit_width=4)
     a, b = torch.randn(64, 32), torch.randn(64, 32) * 5
     relu(a)
     signed(a)
@@ -103,7 +125,7 @@ def test_first_batch_initialisation():
     relu(b)  # later batches do not re-initialise
     assert torch.equal(act_scalings(relu)[0].upper.detach(), up)
 
-    conv = qnn.QuantConv2d(4, 8, 3, weight_quant=DAQWeightPerTensor, weight_bit_width=2, bias=False)
+    conv = qnn.QuantConv2d(4, 8, 3, weight_quant=_PaperWeight, weight_bit_width=2, bias=False)
     ws = weight_scalings(conv)[0]
     assert not bool(ws.initialized)
     conv.quant_weight()
@@ -111,6 +133,25 @@ def test_first_batch_initialisation():
     assert float(ws.lower) == -3.0 and float(ws.upper) == 3.0
     expected = daq_core.init_weight_scale(conv.weight.detach(), -3.0, 3.0, 2)
     assert torch.allclose(ws.scale.detach(), expected)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_mse_initialisation_is_no_worse_than_paper(bits):
+    torch.manual_seed(3)
+    x = torch.randn(4096).exp()  # heavy-tailed, positive
+    errors = []
+    for quant in (_PaperAct, DAQActPerTensor):
+        act = qnn.QuantIdentity(act_quant=quant, bit_width=bits)
+        errors.append(float((act(x) - x).pow(2).mean()))
+    assert errors[1] <= errors[0]
+    w = torch.randn(16, 8, 3, 3) ** 3  # heavy tails: the ±3σ bounds clip much of the energy
+    errors = []
+    for quant in (_PaperWeight, DAQWeightPerTensor):
+        conv = qnn.QuantConv2d(8, 16, 3, weight_quant=quant, weight_bit_width=bits, bias=False)
+        with torch.no_grad():
+            conv.weight.copy_(w)
+        errors.append(float((conv.quant_weight().value - w).pow(2).sum()))
+    assert errors[1] < errors[0]
 
 
 def test_train_mode_forward_equals_eval_mode_forward():
@@ -200,9 +241,11 @@ def test_quant_linear_per_channel_grid():
 def test_initialisation_overridable_as_class_attributes():
     class WideWeight(DAQWeightPerTensor):
         init_bound = 5.0
+        init = "std"
 
     class WideAct(DAQActPerTensor):
         init_num_std = 6.0
+        init = "std"
 
     conv = qnn.QuantConv2d(4, 8, 3, weight_quant=WideWeight, weight_bit_width=4, bias=False)
     s = weight_scalings(conv)[0]
@@ -213,3 +256,5 @@ def test_initialisation_overridable_as_class_attributes():
     assert torch.allclose(act_scalings(relu)[0].upper, 6 * torch.relu(x).std(unbiased=False))
     with pytest.raises(ValueError, match="init_bound"):
         qnn.QuantConv2d(4, 8, 3, weight_quant=type("W", (DAQWeightPerTensor,), {"init_bound": 0.0}))
+    with pytest.raises(ValueError, match="init"):
+        qnn.QuantReLU(act_quant=type("A", (DAQActPerTensor,), {"init": "minmax"}))
