@@ -104,6 +104,8 @@ def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, help="SGD weight decay")
     g.add_argument("--quant-lr", type=float, default=1e-4, help="Adam lr for quantizer parameters (no weight decay)")
     g.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke tests)")
+    g.add_argument("--freeze-bn", action="store_true",
+                   help="QAT: BatchNorm uses and keeps its running statistics (no batch statistics)")
     g.add_argument("--distill", action="store_true", help="knowledge distillation from the float model during QAT")
     g.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the KD term (1-alpha on labels)")
     g.add_argument("--distill-temp", type=float, default=1.0, help="KD temperature")
@@ -311,6 +313,20 @@ def evaluate(model: nn.Module, loader, device, desc: str = "eval", progress: boo
     return res
 
 
+def freeze_batchnorm(model: nn.Module) -> None:
+    """BatchNorm in eval mode inside a training model: running statistics are used and kept.
+
+    For torch.ao ConvBn QAT modules this is the usual ``freeze_bn_stats`` behaviour (the fold
+    uses the running statistics and the normalisation matches the eval/converted model); short
+    fine-tunes of low-bit models are much more stable with it.
+    """
+    for m in unwrap(model).modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+        if hasattr(m, "freeze_bn") and hasattr(m, "bn"):
+            m.freeze_bn = True
+
+
 def kd_loss(student_logits, teacher_logits, temp: float):
     t = temp
     return F.kl_div(F.log_softmax(student_logits / t, 1), F.log_softmax(teacher_logits / t, 1),
@@ -489,6 +505,8 @@ class Pipeline:
         for epoch in range(start_epoch, epochs):
             seed_everything(epoch_seed(a.seed, stage, epoch, self.dist.rank))
             train_model.train()
+            if stage == "qat" and a.freeze_bn:
+                freeze_batchnorm(model)
             loader = self.loader(self.train_set, True, epoch, stage)
             bar = tqdm(total=spe, desc=f"{stage} {epoch + 1}/{epochs}", disable=a.no_progress or not self.dist.main,
                        dynamic_ncols=True, leave=False)
@@ -744,6 +762,7 @@ def write_report(p: Pipeline) -> Dict:
         "data": p.data.description, "train_images": len(p.float_train_set), "qat_train_images": len(p.qat_train_set), "val_images": len(p.val_set),
         "img_size": a.img_size, "float_epochs": a.float_epochs, "qat_epochs": a.epochs, "batch_size": a.batch_size,
         "lr": a.lr, "quant_lr": a.quant_lr, "weight_decay": a.weight_decay, "distill": a.distill,
+        "freeze_bn": a.freeze_bn,
         "processes": p.dist.world, "device": str(p.device), "seed": a.seed,
         "float_acc": fa, "after_prepare_acc": r.get("after_prepare_acc"), "qat_acc": qa, "int_acc": ia,
         "agreement": r.get("agreement"),
@@ -769,7 +788,8 @@ def write_report(p: Pipeline) -> Dict:
         f"- data: {report['data']} — {report['train_images']} train / {report['val_images']} val images,"
         f" {a.img_size}px",
         f"- schedule: {a.float_epochs} float epochs, {a.epochs} QAT epochs, batch {a.batch_size}, lr {a.lr},"
-        f" quantizer lr {a.quant_lr}, wd {a.weight_decay}{', KD from float' if a.distill else ''}",
+        f" quantizer lr {a.quant_lr}, wd {a.weight_decay}{', KD from float' if a.distill else ''}"
+        f"{', BN frozen in QAT' if a.freeze_bn else ''}",
         f"- float layers: {', '.join(p.float_layers) or 'none (every layer quantized)'}",
         f"- device: {report['device']}, {p.dist.world} process(es); total wall time {report['total_wall_s']:.0f} s",
         "", "| metric | value |", "|---|---|",
