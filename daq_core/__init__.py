@@ -38,3 +38,15 @@ __all__ = [name for name in dir() if not name.startswith("_")]
 from .n2uq import n2uq_activation, n2uq_init_widths, n2uq_thresholds, n2uq_weight, n2uq_weight_alpha  # noqa: E402
 
 __all__ += ["n2uq_activation", "n2uq_init_widths", "n2uq_thresholds", "n2uq_weight", "n2uq_weight_alpha"]
+
+from .init import (  # noqa: E402
+    WEIGHT_BOUND_CANDIDATES,
+    check_init_method,
+    fit_weight_scale,
+    init_activation_quantizer,
+    init_weight_quantizer,
+    normalize_weight,
+)
+
+__all__ += ["WEIGHT_BOUND_CANDIDATES", "check_init_method", "fit_weight_scale", "init_activation_quantizer",
+            "init_weight_quantizer", "normalize_weight"]
