@@ -76,7 +76,7 @@ def test_shared_resnet20_checkpoint_loads_and_classifies(shared_data):
             if classes[cls] < 30:
                 classes[cls] += 1
                 img = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
-                xs.append(torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float() / 255)
+                xs.append(torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255)
                 ys.append(cls)
     names = sorted(classes)
     assert len(names) == 10
