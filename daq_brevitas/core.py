@@ -49,14 +49,9 @@ __all__ = [
 WEIGHT_BOUND_INIT = 3.0
 
 
-#: Candidate weight bounds (on the normalised weight) tried by the "mse" initialisation, besides init_bound.
-MSE_WEIGHT_BOUNDS = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0)
-
-
-def _check_init(init) -> str:
-    if init not in ("mse", "std"):
-        raise ValueError(f"init must be 'mse' or 'std' (the paper's 3-std bounds), got {init!r}")
-    return init
+#: Candidate weight bounds (on the normalised weight) tried by the "mse" initialisation (shared with daq_fx).
+MSE_WEIGHT_BOUNDS = daq_core.WEIGHT_BOUND_CANDIDATES
+_check_init = daq_core.check_init_method
 
 
 def _check_center(center, num_channels: int) -> bool:
@@ -151,46 +146,19 @@ class DAQWeightScaling(_IgnoreMissingKeysMixin, nn.Module):
 
     def normalize(self, weight: Tensor) -> Tensor:
         """The input of Eq. 1: ``(W - mean)/std`` if ``center`` (the paper), else ``W / rms`` (constants for autograd)."""
-        if self.center:
-            return daq_core.standardize(weight, self.ch_axis)[0]
-        with torch.no_grad():
-            wf = weight.detach().float()
-            dims = _other_dims(weight, self.ch_axis)
-            rms = wf.pow(2).mean(dim=dims, keepdim=True).sqrt().clamp_min(1e-12).to(weight.dtype)
-        return weight / rms
-
-    @torch.no_grad()
-    def _fit(self, weight: Tensor, bound: Tensor) -> Tuple[Tensor, Tensor]:
-        """Least-squares scale ``s = <W, w_q>/<w_q, w_q>`` (DAQ-SPEC §5, weight-only) and the squared error."""
-        wf = weight.detach().float()
-        b = bound if self.ch_axis is not None else bound.reshape(())
-        grid = daq_core.fake_quantize_weight(self.normalize(wf), -b, b, 1.0, self.bits, ch_axis=self.ch_axis,
-                                             standardize_input=False)
-        dims = _other_dims(wf, self.ch_axis)
-        scale = (wf * grid).sum(dim=dims) / (grid * grid).sum(dim=dims).clamp_min(1e-12)
-        scale = torch.where(scale > 0, scale, wf.abs().amax().clamp_min(1e-8))
-        shaped = scale.reshape([-1] + [1] * (wf.dim() - 1)) if self.ch_axis is not None else scale
-        if self.ch_axis not in (None, 0):
-            shaped = scale.reshape([-1 if d == self.ch_axis % wf.dim() else 1 for d in range(wf.dim())])
-        error = ((wf - shaped * grid) ** 2).sum(dim=dims)
-        return scale.reshape(self.scale.shape), error.reshape(self.scale.shape)
+        return daq_core.normalize_weight(weight, self.ch_axis, self.center)
 
     @torch.no_grad()
     def initialize(self, weight: Tensor) -> None:
         """Bounds ``±3`` (``"std"``, DAQ-SPEC §3) or, with ``"mse"``, the candidate bound in
-        {1.5, ..., 6} with the least squared error (per channel), and the least-squares output scale."""
-        bound = self.upper.detach().clone()
-        scale, best = self._fit(weight, bound)
-        if self.init_method == "mse":
-            for candidate in MSE_WEIGHT_BOUNDS:
-                cand = torch.full_like(bound, candidate)
-                cand_scale, error = self._fit(weight, cand)
-                better = error < best
-                bound, scale, best = (torch.where(better, cand, bound), torch.where(better, cand_scale, scale),
-                                      torch.where(better, error, best))
-        self.lower.copy_(-bound)
-        self.upper.copy_(bound)
-        self.scale.copy_(scale)
+        {1.5, ..., 6} with the least squared error (per channel), and the least-squares output scale
+        (``daq_core.init_weight_quantizer``, shared with ``daq_fx``)."""
+        init_bound = float(self.upper.detach().reshape(-1)[0])
+        lower, upper, scale = daq_core.init_weight_quantizer(weight, self.bits, self.ch_axis, self.center,
+                                                             self.init_method, init_bound=init_bound)
+        self.lower.copy_(lower.reshape(self.lower.shape))
+        self.upper.copy_(upper.reshape(self.upper.shape))
+        self.scale.copy_(scale.reshape(self.scale.shape))
         self.initialized.fill_(True)
 
     def forward(self, weight: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -255,32 +223,12 @@ class DAQActScaling(_IgnoreMissingKeysMixin, nn.Module):
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
-        """First-batch bounds of ``daq_core.init_activation_bounds`` (DAQ-SPEC §4)."""
-        lower, upper = daq_core.init_activation_bounds(x, signed=self.signed, num_std=self.init_num_std)
-        if self.init_method == "mse":
-            lower, upper = self._mse_bounds(x, lower, upper)
+        """First-batch bounds of ``daq_core.init_activation_quantizer`` (DAQ-SPEC §4; shared with ``daq_fx``)."""
+        lower, upper = daq_core.init_activation_quantizer(x, self.bits, self.signed, self.init_method,
+                                                          self.init_num_std)
         self.lower.copy_(lower)
         self.upper.copy_(upper)
         self.initialized.fill_(True)
-
-    @torch.no_grad()
-    def _mse_bounds(self, x: Tensor, lower: Tensor, upper: Tensor) -> Tuple[Tensor, Tensor]:
-        """The ``init_num_std`` bounds or the batch range scaled by 0.1 … 1, whichever quantizes ``x``
-        with the least squared error (``l = 0`` when unsigned)."""
-        xf = x.detach().float().flatten()
-        if xf.numel() > (1 << 18):
-            xf = xf[torch.randperm(xf.numel(), device=xf.device)[: 1 << 18]]
-        lo = torch.zeros((), device=xf.device) if not self.signed else xf.min().clamp(max=-1e-6)
-        hi = xf.max().clamp(min=1e-6)
-        candidates = [(lower, upper)] + [(lo * c, hi * c) for c in torch.linspace(0.1, 1.0, 19).tolist()]
-        best, best_error = (lower, upper), None
-        for lo_c, hi_c in candidates:
-            if not bool(hi_c > lo_c):
-                continue
-            error = (daq_core.fake_quantize_activation(xf, lo_c.reshape(()), hi_c.reshape(()), self.bits) - xf).pow(2).mean()
-            if best_error is None or error < best_error:
-                best, best_error = (lo_c, hi_c), error
-        return best[0].reshape(()), best[1].reshape(())
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         if not bool(self.initialized) and x.numel() > 1:
