@@ -8,7 +8,8 @@ Adam lr 1e-4 (no wd) on the quantizer parameters, cosine, batch 160, 100 epochs,
 
 ``--demo`` is a small offline budget on Fashion-MNIST (``apt-get install dataset-fashion-mnist``):
 without pretrained weights it first trains the float model briefly, then fine-tunes DAQ W4A4
-from it, converts to an x86 int8 model and writes the report::
+from it (BatchNorm frozen, distillation from the float model), converts to an x86 int8 model
+and writes the report::
 
     python -m recipes.mobilenetv2_w4a4 --demo
 """
@@ -23,9 +24,11 @@ DEFAULTS = dict(model="mobilenetv2_100", framework="fx", bits=(4, 4), epochs=100
                 lr=5e-3, weight_decay=4e-5, quant_lr=1e-4, img_size=224)
 
 #: the offline demo: Fashion-MNIST at 32 px, float pre-training then DAQ fine-tuning (~5 min on 2 cores)
-DEMO = dict(data="fashion-mnist", img_size=32, train_subset=10000, qat_train_subset=3000, val_subset=2000,
+#: (QAT with BatchNorm frozen, KD from the float model and quantizer lr 1e-3: measured 74.3 -> 69.4 vs
+#: 74.3 -> 42.2 with the paper's settings on this short budget; see docs/recipes.md)
+DEMO = dict(data="fashion-mnist", img_size=32, train_subset=10000, qat_train_subset=6000, val_subset=2000,
             float_epochs=3, float_lr=0.05, warmup_steps=100, epochs=1, lr=5e-3, batch_size=64, weight_decay=4e-5,
-            output="runs/demo-mobilenetv2-w4a4")
+            quant_lr=1e-3, freeze_bn=True, distill=True, output="runs/demo-mobilenetv2-w4a4")
 
 
 def main(argv=None) -> int:
