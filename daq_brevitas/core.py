@@ -62,12 +62,6 @@ def _check_center(center, num_channels: int) -> bool:
     return center
 
 
-def _other_dims(x: Tensor, ch_axis: Optional[int]):
-    if ch_axis is None or x.dim() == 0:
-        return list(range(x.dim()))
-    return [d for d in range(x.dim()) if d != ch_axis % x.dim()]
-
-
 def snap_to_grid(y: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
     """Represent DAQ's levels exactly as Brevitas dequantizes them: ``(int - zero_point) * scale``.
 
