@@ -187,87 +187,31 @@ class DAQFakeQuantize(FakeQuantizeBase):
     def initialize(self, x: torch.Tensor) -> None:
         """First-batch initialisation (DAQ-SPEC §3-5).
 
-        Weights: ``l = -3``, ``u = 3`` on the standardised weight (one per output channel
-        when ``ch_axis`` is set) and the output scale ``s`` by least squares
-        (:func:`daq_core.init_weight_scale`), so that ``s · w_q`` starts as the grid point
-        closest to ``W``. Activations: ``l = 0, u = 3 std`` when the batch is never negative
-        (or ``signed=False``), else ``±3 std`` (:func:`daq_core.init_activation_bounds`).
+        Shared with ``daq_brevitas`` through :mod:`daq_core.init`. Weights
+        (:func:`daq_core.init_weight_quantizer`): bounds ``∓3`` on the normalised weight
+        (``init="std"``, the paper) or the least-error candidate per channel (``"mse"``), and the
+        least-squares output scale ``s``. Activations (:func:`daq_core.init_activation_quantizer`):
+        ``l = 0, u = 3 std`` when the batch is never negative (or ``signed=False``), else
+        ``±3 std``; with ``"mse"`` the least-error bounds among those and fractions of the range.
         """
         x = x.detach()
         if self.is_weight:
             channels = 1 if self.ch_axis is None else x.shape[self.ch_axis]
-            device = x.device
-            lower = torch.full((channels,), -3.0, device=device)
-            upper = torch.full((channels,), 3.0, device=device)
-            if self.init == "mse":
-                best = self._weight_error(x, lower, upper)
-                for bound in (1.5, 2.0, 2.5, 3.5, 4.0, 5.0, 6.0):
-                    candidate = torch.full((channels,), bound, device=device)
-                    error = self._weight_error(x, -candidate, candidate)
-                    better = error < best
-                    upper = torch.where(better, candidate, upper)
-                    best = torch.where(better, error, best)
-                lower = -upper
-            if self.center:
-                scale = daq_core.init_weight_scale(x, lower if channels > 1 else lower[0],
-                                                   upper if channels > 1 else upper[0], self.bits,
-                                                   self.ch_axis if channels > 1 else None)
-            else:   # the same least-squares fit (DAQ-SPEC §5) for the uncentred mapping
-                axis = self.ch_axis if channels > 1 else None
-                grid = daq_core.fake_quantize_weight(self._normalized(x).float(), lower if channels > 1 else lower[0],
-                                                     upper if channels > 1 else upper[0], 1.0, self.bits,
-                                                     ch_axis=axis, standardize_input=False)
-                dims = [d for d in range(x.dim()) if d != axis] if axis is not None else list(range(x.dim()))
-                num, den = (x.float() * grid).sum(dim=dims), (grid * grid).sum(dim=dims).clamp_min(1e-12)
-                scale = num / den
-                scale = torch.where(scale > 0, scale, x.float().abs().amax().clamp_min(1e-8))
+            lower, upper, scale = daq_core.init_weight_quantizer(
+                x, self.bits, self.ch_axis if channels > 1 else None, center=self.center, method=self.init)
             self._set_param("lower_bound", lower)
             self._set_param("upper_bound", upper)
             self._set_param("output_scale", scale.reshape(channels).float())
         else:
             if int(self.signed.item()) == _SIGNED_AUTO:
                 self.signed.fill_(_SIGNED if bool((x < 0).any()) else _UNSIGNED)
-            lower, upper = daq_core.init_activation_bounds(x, signed=not self.is_unsigned, num_std=self.num_std)
-            if self.init == "mse":
-                lower, upper = self._mse_activation_bounds(x, lower, upper)
+            lower, upper = daq_core.init_activation_quantizer(x, self.bits, signed=not self.is_unsigned,
+                                                              method=self.init, num_std=self.num_std)
             if self.upper_limit is not None:
                 upper = torch.clamp(upper, max=self.upper_limit)
             self._set_param("lower_bound", lower.reshape(1).float())
             self._set_param("upper_bound", upper.reshape(1).float())
         self.initialized.fill_(1)
-
-    def _weight_error(self, w: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
-        """Per-channel squared error of the grid with bounds ``±u`` and its least-squares scale."""
-        per_channel = lower.numel() > 1
-        axis = self.ch_axis if per_channel else None
-        l, u = (lower, upper) if per_channel else (lower[0], upper[0])
-        wf = w.float()
-        if self.center:
-            grid = daq_core.fake_quantize_weight(wf, l, u, 1.0, self.bits, ch_axis=axis)
-        else:
-            grid = daq_core.fake_quantize_weight(self._normalized(wf), l, u, 1.0, self.bits, ch_axis=axis,
-                                                 standardize_input=False)
-        dims = [d for d in range(w.dim()) if d != axis] if axis is not None else list(range(w.dim()))
-        scale = (wf * grid).sum(dim=dims, keepdim=True) / (grid * grid).sum(dim=dims, keepdim=True).clamp_min(1e-12)
-        return ((wf - scale * grid) ** 2).sum(dim=dims).reshape(-1)
-
-    def _mse_activation_bounds(self, x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor):
-        """Bounds with the least quantization error on ``x``: the ``num_std`` bounds or the batch
-        range scaled by 0.1 … 1 (lower bound 0 when unsigned)."""
-        xf = x.detach().float().flatten()
-        if xf.numel() > (1 << 18):
-            xf = xf[torch.randperm(xf.numel(), device=xf.device)[: 1 << 18]]
-        lo = torch.zeros(()) if self.is_unsigned else xf.min().clamp(max=-1e-6)
-        hi = xf.max().clamp(min=1e-6)
-        candidates = [(lower, upper)] + [(lo * c, hi * c) for c in torch.linspace(0.1, 1.0, 19).tolist()]
-        best, best_error = candidates[0], None
-        for l, u in candidates:
-            if not bool(u > l):
-                continue
-            error = (daq_core.fake_quantize_activation(xf, l.reshape(()), u.reshape(()), self.bits) - xf).pow(2).mean()
-            if best_error is None or error < best_error:
-                best, best_error = (l, u), error
-        return best[0].reshape(()), best[1].reshape(())
 
     def _set_param(self, name: str, value: torch.Tensor) -> None:
         current = getattr(self, name)
@@ -346,15 +290,7 @@ class DAQFakeQuantize(FakeQuantizeBase):
 
     def _normalized(self, w: torch.Tensor) -> torch.Tensor:
         """``W / rms(W)`` (per channel if ``ch_axis``), the rms a constant for autograd."""
-        with torch.no_grad():
-            wf = w.detach().float()
-            if self.ch_axis is None or w.dim() == 0:
-                rms = wf.pow(2).mean().sqrt()
-            else:
-                dims = [d for d in range(w.dim()) if d != self.ch_axis % w.dim()]
-                rms = wf.pow(2).mean(dim=dims, keepdim=True).sqrt()
-            rms = rms.clamp_min(1e-12).to(w.dtype)
-        return w / rms
+        return daq_core.normalize_weight(w, self.ch_axis, center=False)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
