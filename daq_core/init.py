@@ -138,8 +138,8 @@ def init_activation_quantizer(x: torch.Tensor, bits: int, signed: bool, method: 
     ``method="std"``: ``(0, num_std·std)`` unsigned, ``±num_std·std`` signed (the paper).
     ``"mse"``: among those and the batch range scaled by 0.1 … 1 (``l = 0`` unsigned), the
     bounds that quantize the batch with the least squared error. Batches over
-    ``MAX_INIT_SAMPLES`` elements are subsampled with a fixed generator (the global RNG is
-    not touched, so seeded runs stay reproducible).
+    ``MAX_INIT_SAMPLES`` elements are subsampled with an even stride (deterministic; the global
+    RNG is not touched, so seeded runs stay reproducible).
     """
     from .quantizers import init_activation_bounds
     check_floating(x, "x")
@@ -149,9 +149,8 @@ def init_activation_quantizer(x: torch.Tensor, bits: int, signed: bool, method: 
     if method == "std":
         return lower.reshape(()), upper.reshape(())
     xf = x.detach().float().flatten()
-    if xf.numel() > MAX_INIT_SAMPLES:
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        xf = xf[torch.randperm(xf.numel(), generator=gen)[:MAX_INIT_SAMPLES].to(xf.device)]
+    if xf.numel() > MAX_INIT_SAMPLES:   # an evenly strided subsample: deterministic, no RNG consumed
+        xf = xf[:: -(-xf.numel() // MAX_INIT_SAMPLES)]
     lo = xf.min().clamp(max=-1e-6) if signed else torch.zeros((), device=xf.device)
     hi = xf.max().clamp(min=1e-6)
     candidates = [(lower.reshape(()), upper.reshape(()))] + [(lo * c, hi * c) for c in ACTIVATION_RANGE_FRACTIONS]
