@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 import torch
+
+import daq_core
 from torch import nn
 
 import brevitas.nn as qnn
@@ -298,13 +300,4 @@ def quantizer_parameters(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.
         >>> opt_q = torch.optim.Adam(q, lr=1e-4)
         >>> opt_w = torch.optim.SGD(w, lr=1e-2, momentum=0.9, weight_decay=1e-4)
     """
-    quant_ids = set()
-    quant_params: List[nn.Parameter] = []
-    for m in model.modules():
-        if isinstance(m, (DAQWeightScaling, DAQActScaling)):
-            for p in m.parameters(recurse=False):
-                if id(p) not in quant_ids:
-                    quant_ids.add(id(p))
-                    quant_params.append(p)
-    other = [p for p in model.parameters() if id(p) not in quant_ids]
-    return quant_params, other
+    return daq_core.split_parameters(model, (DAQWeightScaling, DAQActScaling))

@@ -50,3 +50,7 @@ from .init import (  # noqa: E402
 
 __all__ += ["WEIGHT_BOUND_CANDIDATES", "check_init_method", "fit_weight_scale", "init_activation_quantizer",
             "init_weight_quantizer", "normalize_weight"]
+
+from .params import split_parameters  # noqa: E402
+
+__all__ += ["split_parameters"]

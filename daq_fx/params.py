@@ -6,6 +6,8 @@ from typing import List, Tuple
 
 from torch import nn
 
+import daq_core
+
 from .fake_quantize import DAQFakeQuantize
 
 __all__ = ["quantizer_parameters"]
@@ -26,13 +28,4 @@ def quantizer_parameters(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.
         >>> optimizer = torch.optim.SGD([{"params": rest, "lr": 5e-3, "momentum": 0.9},
         ...                              {"params": quant, "lr": 1e-4, "weight_decay": 0}])  # doctest: +SKIP
     """
-    quant_ids = set()
-    quant: List[nn.Parameter] = []
-    for module in model.modules():
-        if isinstance(module, DAQFakeQuantize):
-            for p in module.parameters(recurse=False):
-                if id(p) not in quant_ids:
-                    quant_ids.add(id(p))
-                    quant.append(p)
-    rest = [p for p in model.parameters() if id(p) not in quant_ids]
-    return quant, rest
+    return daq_core.split_parameters(model, DAQFakeQuantize)

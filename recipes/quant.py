@@ -14,6 +14,7 @@ parameters (for the separate Adam group of DAQ-SPEC §6) and a converted model.
 from __future__ import annotations
 
 import copy
+import importlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,24 +30,22 @@ class QuantError(RuntimeError):
     """A quantization back-end is unavailable or rejected the model."""
 
 
-def _import_daq_fx():
+def _import_plugin(name: str, entry_point: str):
     try:
-        import daq_fx
+        module = importlib.import_module(name)
     except Exception as e:  # pragma: no cover
-        raise QuantError(f"daq_fx cannot be imported: {e}") from e
-    if not hasattr(daq_fx, "prepare_qat_fx"):
-        raise QuantError("this checkout's daq_fx does not provide prepare_qat_fx yet")
-    return daq_fx
+        raise QuantError(f"{name} cannot be imported: {e}") from e
+    if not hasattr(module, entry_point):
+        raise QuantError(f"this checkout's {name} does not provide {entry_point} yet")
+    return module
+
+
+def _import_daq_fx():
+    return _import_plugin("daq_fx", "prepare_qat_fx")
 
 
 def _import_daq_brevitas():
-    try:
-        import daq_brevitas
-    except Exception as e:  # pragma: no cover
-        raise QuantError(f"daq_brevitas cannot be imported: {e}") from e
-    if not hasattr(daq_brevitas, "quantize_model"):
-        raise QuantError("this checkout's daq_brevitas does not provide quantize_model yet")
-    return daq_brevitas
+    return _import_plugin("daq_brevitas", "quantize_model")
 
 
 # --------------------------------------------------------------------------------------
