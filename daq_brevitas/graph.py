@@ -27,12 +27,25 @@ from brevitas.quant import Int32Bias
 from daq_core import MAX_BITS, check_bits
 
 from .core import DAQActScaling, DAQWeightScaling
+from .n2uq import N2UQActPerTensor, N2UQActScaling, N2UQSignedActPerTensor, N2UQWeightPerChannel, N2UQWeightPerTensor
 from .quantizers import DAQActPerTensor, DAQSignedActPerTensor, DAQWeightPerChannel, DAQWeightPerTensor
 
 __all__ = ["quantize_model", "replace_batchnorm_act", "quantizer_parameters", "daq_layer_maps",
            "check_zero_bn_gamma"]
 
 _WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+#: quantizer families: (per-channel weight, per-tensor weight, unsigned activation, signed activation)
+QUANTIZER_FAMILIES = {
+    "daq": (DAQWeightPerChannel, DAQWeightPerTensor, DAQActPerTensor, DAQSignedActPerTensor),
+    "n2uq": (N2UQWeightPerChannel, N2UQWeightPerTensor, N2UQActPerTensor, N2UQSignedActPerTensor),
+}
+
+
+def _family(quantizer: str):
+    if quantizer not in QUANTIZER_FAMILIES:
+        raise ValueError(f"quantizer must be one of {tuple(QUANTIZER_FAMILIES)}, got {quantizer!r}")
+    return QUANTIZER_FAMILIES[quantizer]
 
 
 def _bits_quantizer(base, bits: int, name: str):
@@ -42,8 +55,11 @@ def _bits_quantizer(base, bits: int, name: str):
 
 
 def daq_layer_maps(weight_bit_width: int = 4, act_bit_width: int = 4, per_channel: bool = True,
-                   weight_quant=None, act_quant=None, signed_act_quant=None):
+                   weight_quant=None, act_quant=None, signed_act_quant=None, quantizer: str = "daq"):
     """Copies of Brevitas's default graph-quantization maps with the DAQ quantizers swapped in.
+
+    ``quantizer="n2uq"`` swaps in the N2UQ family instead (:mod:`daq_brevitas.n2uq`, DAQ-SPEC §8);
+    explicit ``weight_quant`` / ``act_quant`` / ``signed_act_quant`` override either family.
 
     Compute layers (conv, linear) get a DAQ weight quantizer and ``Int32Bias`` and return plain
     tensors (``return_quant_tensor=False``: the weight zero point ``-0.5`` has no integer
@@ -53,9 +69,10 @@ def daq_layer_maps(weight_bit_width: int = 4, act_bit_width: int = 4, per_channe
     Returns:
         ``(compute_layer_map, quant_act_map, quant_identity_map, unsigned_act_tuple)``.
     """
-    weight_quant = weight_quant or (DAQWeightPerChannel if per_channel else DAQWeightPerTensor)
-    act_quant = act_quant or DAQActPerTensor
-    signed_act_quant = signed_act_quant or DAQSignedActPerTensor
+    per_channel_weight, per_tensor_weight, unsigned_act, signed_act = _family(quantizer)
+    weight_quant = weight_quant or (per_channel_weight if per_channel else per_tensor_weight)
+    act_quant = act_quant or unsigned_act
+    signed_act_quant = signed_act_quant or signed_act
     weight_bits = check_bits(weight_bit_width, "weight_bit_width")
     act_bits = check_bits(act_bit_width, "act_bit_width")
 
@@ -207,7 +224,7 @@ def _plain_tensor_outputs(graph_model: torch.fx.GraphModule) -> torch.fx.GraphMo
 def quantize_model(model: nn.Module, weight_bit_width: int = 4, act_bit_width: int = 4,
                    keep_first_last_float: bool = True, per_channel: bool = True, merge_bn: bool = False,
                    align_residuals: bool = False, weight_quant=None, act_quant=None,
-                   signed_act_quant=None) -> torch.fx.GraphModule:
+                   signed_act_quant=None, quantizer: str = "daq") -> torch.fx.GraphModule:
     """Quantize any traceable model (timm included) with DAQ through Brevitas's graph machinery.
 
     Steps: timm ``BatchNormAct2d`` → ``BatchNorm2d`` + activation; ``preprocess_for_quantize``
@@ -232,6 +249,9 @@ def quantize_model(model: nn.Module, weight_bit_width: int = 4, act_bit_width: i
             outputs and aligns the inputs of residual adds to a shared quantizer (integer-only
             graph; more quantization points).
         weight_quant, act_quant, signed_act_quant: override the DAQ quantizer classes.
+        quantizer: ``"daq"`` (default) or ``"n2uq"``: the quantizer family placed everywhere
+            (:mod:`daq_brevitas.n2uq`: learned non-uniform activation thresholds with uniform output
+            levels, ``α``-scaled no-zero weights; DAQ-SPEC §8). Everything else is the same.
 
     Returns:
         The quantized ``torch.fx.GraphModule`` (in the training mode of ``model``).
@@ -243,7 +263,8 @@ def quantize_model(model: nn.Module, weight_bit_width: int = 4, act_bit_width: i
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    maps = daq_layer_maps(weight_bit_width, act_bit_width, per_channel, weight_quant, act_quant, signed_act_quant)
+    maps = daq_layer_maps(weight_bit_width, act_bit_width, per_channel, weight_quant, act_quant, signed_act_quant,
+                          quantizer=quantizer)
     compute_layer_map, quant_act_map, quant_identity_map, unsigned_act_tuple = maps
 
     zero_gamma = check_zero_bn_gamma(model)
@@ -286,7 +307,10 @@ def quantize_model(model: nn.Module, weight_bit_width: int = 4, act_bit_width: i
 
 
 def quantizer_parameters(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
-    """Split parameters into DAQ quantizer state (bounds ``l, u``, output scales ``s``) and the rest.
+    """Split parameters into quantizer state and the rest.
+
+    Quantizer state: DAQ's bounds ``l, u`` and output scales ``s``, and N2UQ's activation start ``s``,
+    widths ``a`` and output scale (:class:`N2UQActScaling`; N2UQ weights have no learned state).
 
     The paper trains the quantizer parameters with Adam (lr 1e-4, no weight decay) and the weights
     with SGD (DAQ-SPEC §6). ``load_state_dict`` on a Brevitas model rebuilds the quantizers (new
@@ -300,4 +324,4 @@ def quantizer_parameters(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.
         >>> opt_q = torch.optim.Adam(q, lr=1e-4)
         >>> opt_w = torch.optim.SGD(w, lr=1e-2, momentum=0.9, weight_decay=1e-4)
     """
-    return daq_core.split_parameters(model, (DAQWeightScaling, DAQActScaling))
+    return daq_core.split_parameters(model, (DAQWeightScaling, DAQActScaling, N2UQActScaling))

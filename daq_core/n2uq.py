@@ -25,7 +25,8 @@ import torch
 
 from .checks import check_bits, check_floating
 
-__all__ = ["n2uq_thresholds", "n2uq_activation", "n2uq_weight", "n2uq_init_widths", "n2uq_weight_alpha"]
+__all__ = ["n2uq_thresholds", "n2uq_activation", "n2uq_weight", "n2uq_init_widths", "n2uq_weight_alpha",
+           "n2uq_step", "n2uq_fake_quantize_activation", "n2uq_activation_codes", "n2uq_init_activation"]
 
 
 def n2uq_init_widths(bits: int, dtype=torch.float32) -> torch.Tensor:
@@ -146,3 +147,69 @@ def n2uq_weight(w: torch.Tensor, bits: int, ch_axis: Optional[int] = 0) -> torch
     n = (1 << check_bits(bits)) - 1
     alpha = n2uq_weight_alpha(w, bits, ch_axis)
     return _ClippedSTE.apply(w, alpha, n)
+
+
+# ----------------------------------------------------------------------------------------------
+# What the framework plugins (daq_fx, daq_brevitas) share around the two quantizers above
+# ----------------------------------------------------------------------------------------------
+
+def n2uq_step(scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """The output step ``Δ = |scale| 2/n`` of the uniform activation levels."""
+    n = (1 << check_bits(bits)) - 1
+    return scale.abs() * (2.0 / n)
+
+
+def n2uq_fake_quantize_activation(x: torch.Tensor, start: torch.Tensor, widths: torch.Tensor,
+                                  scale: torch.Tensor, zero_point=0) -> torch.Tensor:
+    """The activation quantizer as both plugins run it: ``Δ (round(g(x)) - zp)``, ``Δ = |scale| 2/n``.
+
+    :func:`n2uq_activation` with a positive scale (``|scale|``) and the output shifted down by
+    ``zp`` whole steps (``zp = 0`` for ReLU-like inputs, the paper's non-negative levels; an integer
+    in ``[0, n]`` chosen on the first batch for signed inputs, see :func:`n2uq_init_activation`).
+    The codes ``round(g(x))`` are the quint8 integers of a grid with scale ``Δ`` and zero point
+    ``zp``. The G-STE backward is that of :func:`n2uq_activation` (the shift is affine).
+    """
+    y = n2uq_activation(x, start, widths, scale.abs())
+    if isinstance(zero_point, torch.Tensor) or zero_point != 0:
+        y = y - n2uq_step(scale, _bits_of(widths)) * zero_point
+    return y
+
+
+def _bits_of(widths: torch.Tensor) -> int:
+    n = widths.numel()
+    return (n + 1).bit_length() - 1
+
+
+@torch.no_grad()
+def n2uq_activation_codes(x: torch.Tensor, start: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """The integer codes ``round(g(x))`` in ``[0, n]`` of the activation forward (int64)."""
+    if not isinstance(start, torch.Tensor):
+        start = torch.tensor(float(start), dtype=x.dtype, device=x.device)
+    n = widths.numel()
+    y = n2uq_activation(x, start.to(x.dtype), widths.to(x.dtype), torch.tensor(n / 2.0, dtype=x.dtype,
+                                                                                      device=x.device))
+    return torch.round(y).to(torch.int64)
+
+
+@torch.no_grad()
+def n2uq_init_activation(x: torch.Tensor, bits: int, signed: bool, method: str = "mse", num_std: float = 3.0):
+    """First-batch initialisation: N2UQ starts as the uniform quantizer of DAQ's first-batch bounds.
+
+    The bounds ``(l, u)`` come from :func:`daq_core.init_activation_quantizer` (``method`` "mse" or
+    "std", DAQ-SPEC §4); then ``Δ = (u - l)/n``, ``zp = clamp(round(-l/Δ), 0, n)`` (0 when unsigned),
+    ``s = -zp Δ`` (integer-aligned), all widths ``a_j = Δ`` and ``scale = n Δ / 2``, so that the
+    output ``Δ (round((x - s)/Δ clipped) - zp)`` is uniform rounding onto ``[l, u]``; training then
+    moves the thresholds apart.
+
+    Returns:
+        ``(start, widths, scale, zero_point)``: 0-d, ``(n,)``, 0-d float32 tensors and an int64 0-d tensor.
+    """
+    from .init import init_activation_quantizer
+    n = (1 << check_bits(bits)) - 1
+    lower, upper = init_activation_quantizer(x, bits, signed=signed, method=method, num_std=num_std)
+    step = ((upper - lower) / n).clamp_min(1e-8)
+    zero_point = torch.clamp(torch.round(-lower / step), 0, n) if signed else torch.zeros_like(step)
+    start = -zero_point * step
+    widths = step.reshape(1).expand(n).clone()
+    return (start.reshape(()).float(), widths.float(), (step * n / 2).reshape(()).float(),
+            zero_point.reshape(()).to(torch.int64))

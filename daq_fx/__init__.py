@@ -12,6 +12,13 @@ Typical use::
 
 from .convert import activation_grids, bake_daq_weights, bake_weight, convert_fx, insert_activation_clamps
 from .fake_quantize import ACTIVATION, WEIGHT, AveragedActivation, DAQFakeQuantize
+from .n2uq import (
+    N2UQConvertError,
+    N2UQFakeQuantize,
+    get_n2uq_qat_qconfig_mapping,
+    get_n2uq_qconfig,
+    n2uq_activation_quantizers,
+)
 from .params import quantizer_parameters
 from .prepare import (
     DAQPrepareError,

@@ -24,6 +24,7 @@ from torch import fx, nn
 from torch.ao.quantization import quantize_fx as _quantize_fx
 
 from .fake_quantize import DAQFakeQuantize
+from .n2uq import N2UQFakeQuantize, check_convertible
 from .prepare import _fold_shape, weight_fold_factor
 from .qconfig import get_daq_backend_config
 
@@ -31,18 +32,19 @@ __all__ = ["bake_weight", "bake_daq_weights", "convert_fx", "insert_activation_c
 
 
 @torch.no_grad()
-def bake_weight(fake_quant: DAQFakeQuantize, weight: torch.Tensor,
+def bake_weight(fake_quant: DAQFakeQuantize | N2UQFakeQuantize, weight: torch.Tensor,
                 fold_factor: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The float weight that any ``round(W f / scale)`` lowering turns into DAQ's integers.
 
     Returns ``fq(W · f) / f`` (``f`` reshaped to broadcast on the output-channel axis, or 1).
-    Framework-neutral: the FX convert below and a pt2e flow use the same function.
+    Framework-neutral: the FX convert below and a pt2e flow use the same function. N2UQ weights
+    (:class:`daq_fx.N2UQFakeQuantize`) lie on the same odd-integer grid and are baked the same way.
 
     Raises:
         ValueError: if ``f`` is zero in some channel (zero BN γ): the fold cannot be undone.
     """
-    if not isinstance(fake_quant, DAQFakeQuantize) or not fake_quant.is_weight:
-        raise TypeError(f"fake_quant must be a weight DAQFakeQuantize, got {fake_quant!r}")
+    if not isinstance(fake_quant, (DAQFakeQuantize, N2UQFakeQuantize)) or not fake_quant.is_weight:
+        raise TypeError(f"fake_quant must be a weight DAQFakeQuantize or N2UQFakeQuantize, got {fake_quant!r}")
     if fold_factor is None:
         return fake_quant(weight).detach()
     if bool((fold_factor == 0).any()):
@@ -53,7 +55,7 @@ def bake_weight(fake_quant: DAQFakeQuantize, weight: torch.Tensor,
 
 @torch.no_grad()
 def bake_daq_weights(model: nn.Module) -> List[str]:
-    """Write DAQ's fake-quantized weights into every module with a DAQ ``weight_fake_quant``.
+    """Write DAQ's (or N2UQ's) fake-quantized weights into every module with such a ``weight_fake_quant``.
 
     For fused ConvBn QAT modules the BN fold factor ``γ / sqrt(running_var + eps)`` is taken into
     account; the fake-quant is then disabled (observer too), so the QAT model's eval output is
@@ -66,7 +68,7 @@ def bake_daq_weights(model: nn.Module) -> List[str]:
     baked = []
     for name, module in model.named_modules():
         fq = getattr(module, "weight_fake_quant", None)
-        if not isinstance(fq, DAQFakeQuantize) or fq.fake_quant_enabled[0] == 0:
+        if not isinstance(fq, (DAQFakeQuantize, N2UQFakeQuantize)) or fq.fake_quant_enabled[0] == 0:
             continue
         factor = weight_fold_factor(module)
         if factor is not None:
@@ -211,9 +213,14 @@ def convert_fx(graph_module: fx.GraphModule, convert_custom_config=None, _remove
 
     Returns:
         The lowered int8 model (call ``.eval()``-mode only).
+
+    Raises:
+        N2UQConvertError: the model has enabled N2UQ activation quantizers (their learned
+            non-uniform thresholds have no int8-kernel equivalent); the message names them.
     """
     if not isinstance(graph_module, fx.GraphModule):
         raise TypeError(f"graph_module must be a prepared torch.fx.GraphModule, got {type(graph_module).__name__}")
+    check_convertible(graph_module)   # never lower N2UQ activations with uniform thresholds
     meta = getattr(graph_module, "meta", {})
     backend = meta.get("daq_backend", "x86")
     if backend_config is None:

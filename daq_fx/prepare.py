@@ -29,6 +29,7 @@ from torch.ao.quantization import QConfigMapping
 from torch.ao.quantization import quantize_fx as _quantize_fx
 
 from .fake_quantize import AveragedActivation, DAQFakeQuantize
+from .n2uq import N2UQFakeQuantize
 from .qconfig import get_daq_backend_config
 
 __all__ = ["prepare_qat_fx", "prepare_timm_model", "check_batchnorm", "initialize_weight_quantizers",
@@ -175,7 +176,7 @@ def initialize_weight_quantizers(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         fq = getattr(module, "weight_fake_quant", None)
-        if isinstance(fq, DAQFakeQuantize) and fq.initialized[0] == 0:
+        if isinstance(fq, (DAQFakeQuantize, N2UQFakeQuantize)) and fq.initialized[0] == 0:
             fq.initialize(folded_weight(module))
             count += 1
     return count
@@ -221,7 +222,7 @@ def _apply_relu6_caps(prepared: torch.fx.GraphModule, anchors: Dict[str, float])
             for user in node.users:
                 if user.op == "call_module":
                     fq = prepared.get_submodule(user.target)
-                    if isinstance(fq, DAQFakeQuantize) and not fq.is_weight:
+                    if isinstance(fq, (DAQFakeQuantize, N2UQFakeQuantize)) and not fq.is_weight:
                         fq.set_upper_limit(anchors[node.target])
                         count += 1
     return count
