@@ -16,7 +16,9 @@ from .dasr import (
     soft_assignment,
 )
 from .quantizers import (
+    ROUNDINGS,
     activation_integers,
+    check_rounding,
     compiled_kernels_enabled,
     daq_fake_quantize,
     fake_quantize_activation,

@@ -47,6 +47,8 @@ __all__ = [
     "use_compiled_kernels",
     "compiled_kernels_enabled",
     "num_levels",
+    "ROUNDINGS",
+    "check_rounding",
 ]
 
 
@@ -145,6 +147,10 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
+#: sentinel ``gamma`` selecting the straight-through gradient in the fused Function
+_STE_GAMMA = float("inf")
+
+
 class _DAQFakeQuantize(torch.autograd.Function):
     """Normalise (Eq. 1) → DASR (Eqs. 4-11) → ``out_offset + out_step * Q``; closed-form backward."""
 
@@ -157,7 +163,10 @@ class _DAQFakeQuantize(torch.autograd.Function):
         y = _run("forward", xc, lower_c, step, out_offset.to(cdt), out_step.to(cdt), float(n))
         # x is already alive in the autograd graph; the rest are per-tensor/per-channel parameters
         ctx.save_for_backward(x, lower, upper, out_offset, out_step)
-        ctx.n, ctx.constant, ctx.kernel_term = n, dasr_gradient_constant(gamma), 1.0 + 1.0 / sigma**2
+        if gamma == _STE_GAMMA:   # the straight-through ablation: dQ/dt = 1 / tanh(large) = 1
+            ctx.n, ctx.constant, ctx.kernel_term = n, 1.0, sigma
+        else:
+            ctx.n, ctx.constant, ctx.kernel_term = n, dasr_gradient_constant(gamma), 1.0 + 1.0 / sigma**2
         return y.to(x.dtype)
 
     @staticmethod
@@ -198,9 +207,30 @@ def _broadcast_channel(p: torch.Tensor, x: torch.Tensor, ch_axis: Optional[int],
     return p.reshape(shape)
 
 
+#: Rounding rules of :func:`daq_fake_quantize`: DAQ's DASR, and the paper's ablations (Tables 6-7).
+ROUNDINGS = ("dasr", "ste", "soft")
+
+#: ``1 + 1/σ²`` large enough that ``tanh((k - 2|t - q|)/2) == 1`` in float32: the STE's ``dQ/dt = 1``.
+_STE_KERNEL_TERM = 1.0e4
+
+
+def check_rounding(rounding: str, beta: Optional[float] = None) -> str:
+    """Validate a ``rounding`` / ``beta`` pair (see :func:`daq_fake_quantize`)."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {', '.join(map(repr, ROUNDINGS))}, got {rounding!r}")
+    if rounding == "soft":
+        if beta is None:
+            raise ValueError("rounding='soft' needs a fixed temperature: pass beta (the paper's ablation uses 4 and 24)")
+        check_positive(beta, "beta")
+    elif beta is not None:
+        raise ValueError(f"beta applies to rounding='soft' only (got rounding={rounding!r}); drop beta")
+    return rounding
+
+
 def daq_fake_quantize(x: torch.Tensor, lower, upper, bits: int, out_offset, out_step,
                       gamma: float = DEFAULT_GAMMA, sigma: float = DEFAULT_WEIGHT_SIGMA,
-                      ch_axis: Optional[int] = None) -> torch.Tensor:
+                      ch_axis: Optional[int] = None, rounding: str = "dasr",
+                      beta: Optional[float] = None) -> torch.Tensor:
     """``out_offset + out_step * DASR(clamp((x - l)/Δ, 0, n))`` with the closed-form gradient.
 
     Implements Eq. 1 (normalisation, zero gradient outside ``[l, u]``) and
@@ -215,6 +245,12 @@ def daq_fake_quantize(x: torch.Tensor, lower, upper, bits: int, out_offset, out_
         out_offset, out_step: the output map; scalars or per-channel like the bounds.
         gamma, sigma: DASR hyperparameters (Eq. 7 and the Gaussian kernel).
         ch_axis: the channel axis of ``x`` for per-channel parameters.
+        rounding: ``"dasr"`` (DAQ, default); the paper's ablations: ``"ste"`` (the same
+            forward, gradient ``dQ/dt = 1``: DAQ with a straight-through estimator) and
+            ``"soft"`` (kernel soft argmax ``φ(t; β)`` of Eq. 5 with the *fixed* temperature
+            ``beta`` and no rescaling: its forward is not rounding — the quantizer gap; use
+            ``"dasr"`` or ``"ste"`` at test time, which round).
+        beta: the fixed temperature of ``rounding="soft"``.
 
     Returns:
         Tensor like ``x``. Gradients flow to ``x``, ``lower``, ``upper``,
@@ -229,6 +265,14 @@ def daq_fake_quantize(x: torch.Tensor, lower, upper, bits: int, out_offset, out_
     check_bounds(lower, upper)
     out_offset = _broadcast_channel(_as_param_tensor(out_offset, x, "out_offset"), x, ch_axis, "out_offset")
     out_step = _broadcast_channel(_as_param_tensor(out_step, x, "out_step"), x, ch_axis, "out_step")
+    check_rounding(rounding, beta)
+    if rounding == "soft":
+        from .dasr import soft_assignment   # the term-by-term Eq. 5 with a fixed β, by autograd
+
+        t = normalize(x, lower, upper, bits, ch_axis)
+        return (out_offset + out_step * soft_assignment(t, gamma, sigma, beta=beta)).to(x.dtype)
+    if rounding == "ste":
+        return _DAQFakeQuantize.apply(x, lower, upper, out_offset, out_step, n, _STE_GAMMA, _STE_KERNEL_TERM)
     return _DAQFakeQuantize.apply(x, lower, upper, out_offset, out_step, n, gamma, sigma)
 
 
@@ -288,7 +332,8 @@ def standardize(w: torch.Tensor, ch_axis: Optional[int] = None, eps: float = 1e-
 
 def fake_quantize_weight(w: torch.Tensor, lower, upper, scale, bits: int,
                          gamma: float = DEFAULT_GAMMA, sigma: float = DEFAULT_WEIGHT_SIGMA,
-                         ch_axis: Optional[int] = None, standardize_input: bool = True) -> torch.Tensor:
+                         ch_axis: Optional[int] = None, standardize_input: bool = True,
+                         rounding: str = "dasr", beta: Optional[float] = None) -> torch.Tensor:
     """DAQ weight quantizer: ``s * w_q`` with ``w_q = (2 DASR(t) - n) / n`` (Eqs. 1-3).
 
     ``t`` normalises the standardised weight (DAQ-SPEC §3) with learned bounds
@@ -309,12 +354,14 @@ def fake_quantize_weight(w: torch.Tensor, lower, upper, scale, bits: int,
     n = num_levels(bits)
     w_hat = standardize(w, ch_axis)[0] if standardize_input else w
     scale = _as_param_tensor(scale, w, "scale")
-    return daq_fake_quantize(w_hat, lower, upper, bits, -scale, scale * (2.0 / n), gamma, sigma, ch_axis)
+    return daq_fake_quantize(w_hat, lower, upper, bits, -scale, scale * (2.0 / n), gamma, sigma, ch_axis,
+                             rounding=rounding, beta=beta)
 
 
 def fake_quantize_activation(x: torch.Tensor, lower, upper, bits: int,
                              gamma: float = DEFAULT_GAMMA, sigma: float = DEFAULT_ACT_SIGMA,
-                             ch_axis: Optional[int] = None) -> torch.Tensor:
+                             ch_axis: Optional[int] = None, rounding: str = "dasr",
+                             beta: Optional[float] = None) -> torch.Tensor:
     """DAQ activation quantizer in natural units: ``l + Δ DASR(t)`` (Eqs. 1-2, DAQ-SPEC §4).
 
     The ``2^b`` levels of ``[l, u]``. Besides DASR's gradient through ``t``, the
@@ -330,7 +377,8 @@ def fake_quantize_activation(x: torch.Tensor, lower, upper, bits: int,
     n = num_levels(bits)
     lower = _as_param_tensor(lower, x, "lower")
     upper = _as_param_tensor(upper, x, "upper")
-    return daq_fake_quantize(x, lower, upper, bits, lower, (upper - lower) / n, gamma, sigma, ch_axis)
+    return daq_fake_quantize(x, lower, upper, bits, lower, (upper - lower) / n, gamma, sigma, ch_axis,
+                             rounding=rounding, beta=beta)
 
 
 def weight_integers(w: torch.Tensor, lower, upper, bits: int, ch_axis: Optional[int] = None,

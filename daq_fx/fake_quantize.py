@@ -86,6 +86,11 @@ class DAQFakeQuantize(FakeQuantizeBase):
         sigma: ``σ`` of the Gaussian kernel; paper: 1 for weights, 2 for activations (default
             by role).
         num_std: activations: first-batch bounds at ``num_std`` standard deviations (DAQ-SPEC §4: 3).
+        rounding: ``"dasr"`` (DAQ, default) or one of the paper's ablations (Tables 6-7, see
+            :func:`daq_core.daq_fake_quantize`): ``"ste"`` (rounding with a straight-through
+            gradient) or ``"soft"`` (fixed-temperature soft argmax while training, rounding in
+            eval mode — what the converted model computes).
+        beta: the fixed temperature of ``rounding="soft"`` (paper: 4 and 24).
 
     Learned parameters (``nn.Parameter``, give them their own optimizer group, e.g. Adam
     lr 1e-4 without weight decay, DAQ-SPEC §6): ``lower_bound`` and ``upper_bound``
@@ -112,6 +117,7 @@ class DAQFakeQuantize(FakeQuantizeBase):
     def __init__(self, role: str = ACTIVATION, bits: int = 4, ch_axis: Optional[int] = None,
                  signed: Optional[bool] = None, gamma: float = DEFAULT_GAMMA, sigma: Optional[float] = None,
                  num_std: float = 3.0, center: Optional[bool] = None, init: str = "mse",
+                 rounding: str = "dasr", beta: Optional[float] = None,
                  factory_kwargs: Optional[dict] = None) -> None:
         super().__init__()
         device = (factory_kwargs or {}).get("device")
@@ -140,6 +146,8 @@ class DAQFakeQuantize(FakeQuantizeBase):
         if init not in ("mse", "std"):
             raise ValueError(f"init must be 'mse' or 'std', got {init!r}")
         self.init = init
+        self.rounding = daq_core.check_rounding(rounding, beta)
+        self.beta = None if beta is None else float(beta)
         if center is not None and not isinstance(center, bool):
             raise TypeError(f"center must be True, False or None, got {center!r}")
         self.center = (ch_axis is None) if center is None else center
@@ -298,14 +306,16 @@ class DAQFakeQuantize(FakeQuantizeBase):
             self.initialize(x)
         if self.fake_quant_enabled[0] == 0:
             return x
+        # the soft ablation's forward is not rounding; in eval mode it rounds like the int model
+        rounding, beta = (self.rounding, self.beta) if self.training or self.rounding != "soft" else ("ste", None)
         if self.is_weight:
             w = x if self.center else self._normalized(x)
             return daq_core.fake_quantize_weight(w, self.lower_bound, self.upper_bound, self.output_scale, self.bits,
                                                  self.gamma, self.sigma, ch_axis=self._param_axis(),
-                                                 standardize_input=self.center)
+                                                 standardize_input=self.center, rounding=rounding, beta=beta)
         lower, upper = self.activation_grid()
         return daq_core.daq_fake_quantize(x, lower, upper, self.bits, lower, (upper - lower) / self.num_levels,
-                                          self.gamma, self.sigma)
+                                          self.gamma, self.sigma, rounding=rounding, beta=beta)
 
     def _param_axis(self) -> Optional[int]:
         return self.ch_axis if self.lower_bound.numel() > 1 or self.ch_axis is not None else None
@@ -322,6 +332,8 @@ class DAQFakeQuantize(FakeQuantizeBase):
 
     def extra_repr(self) -> str:
         text = f"role={self.role}, bits={self.bits}, gamma={self.gamma}, sigma={self.sigma}"
+        if self.rounding != "dasr":
+            text += f", rounding={self.rounding}" + (f", beta={self.beta}" if self.beta is not None else "")
         if self.is_weight:
             text += f", ch_axis={self.ch_axis}, center={self.center}"
         else:

@@ -22,7 +22,7 @@ from torch.ao.quantization.backend_config import (
 )
 from torch.ao.quantization.backend_config.x86 import get_x86_backend_config
 
-from daq_core import DEFAULT_GAMMA, MAX_INT8_WEIGHT_BITS, check_bits, check_positive
+from daq_core import DEFAULT_GAMMA, MAX_INT8_WEIGHT_BITS, check_bits, check_positive, check_rounding
 
 from .fake_quantize import ACTIVATION, WEIGHT, DAQFakeQuantize
 
@@ -50,7 +50,7 @@ def _check_backend(backend: str) -> str:
 def get_daq_qconfig(weight_bits: int = 4, act_bits: int = 4, per_channel: bool = True,
                     gamma: float = DEFAULT_GAMMA, weight_sigma: Optional[float] = None,
                     act_sigma: Optional[float] = None, act_signed: Optional[bool] = None,
-                    init: str = "mse") -> QConfig:
+                    init: str = "mse", rounding: str = "dasr", beta: Optional[float] = None) -> QConfig:
     """A ``QConfig`` with DAQ weight and activation fake-quants (DAQ-SPEC §3-4).
 
     Args:
@@ -63,6 +63,8 @@ def get_daq_qconfig(weight_bits: int = 4, act_bits: int = 4, per_channel: bool =
         gamma, weight_sigma, act_sigma: DASR hyperparameters (paper: 2, 1, 2).
         act_signed: ``None`` decides ``l = 0`` per activation on the first batch.
         init: ``"mse"`` (default) or ``"std"`` (the paper's ±3 std bounds), see :class:`DAQFakeQuantize`.
+        rounding, beta: ``"dasr"`` (default); the paper's ablations ``"ste"`` and ``"soft"`` with a
+            fixed temperature ``beta``, see :class:`DAQFakeQuantize`.
 
     Example:
         >>> qconfig = get_daq_qconfig(weight_bits=2, act_bits=2)
@@ -72,12 +74,13 @@ def get_daq_qconfig(weight_bits: int = 4, act_bits: int = 4, per_channel: bool =
     check_bits(weight_bits, "weight_bits", MAX_INT8_WEIGHT_BITS)
     check_bits(act_bits, "act_bits")
     check_positive(gamma, "gamma")
+    check_rounding(rounding, beta)
     if not isinstance(per_channel, bool):
         raise TypeError(f"per_channel must be True or False, got {per_channel!r}")
     weight = DAQFakeQuantize.with_args(role=WEIGHT, bits=weight_bits, ch_axis=0 if per_channel else None,
-                                       gamma=gamma, sigma=weight_sigma, init=init)
+                                       gamma=gamma, sigma=weight_sigma, init=init, rounding=rounding, beta=beta)
     activation = DAQFakeQuantize.with_args(role=ACTIVATION, bits=act_bits, gamma=gamma, sigma=act_sigma,
-                                           signed=act_signed, init=init)
+                                           signed=act_signed, init=init, rounding=rounding, beta=beta)
     return QConfig(activation=activation, weight=weight)
 
 
@@ -85,7 +88,8 @@ def get_daq_qat_qconfig_mapping(backend: str = "x86", weight_bits: int = 4, act_
                                 per_channel: bool = True, float_module_names: Iterable[str] = (),
                                 float_module_types: Iterable[type] = (), gamma: float = DEFAULT_GAMMA,
                                 weight_sigma: Optional[float] = None, act_sigma: Optional[float] = None,
-                                init: str = "mse") -> QConfigMapping:
+                                init: str = "mse", rounding: str = "dasr",
+                                beta: Optional[float] = None) -> QConfigMapping:
     """torch's default QAT ``QConfigMapping`` for ``backend`` with DAQ as the global qconfig.
 
     The default is *fully quantized* (every conv/linear and activation, as the paper does for
@@ -94,6 +98,7 @@ def get_daq_qat_qconfig_mapping(backend: str = "x86", weight_bits: int = 4, act_
     ``float_module_types``.
 
     Transposed convolutions get DAQ per-tensor weights (their output channels are on axis 1).
+    ``rounding``/``beta`` select the paper's ablations (see :func:`get_daq_qconfig`).
 
     Example:
         >>> import timm
@@ -102,10 +107,12 @@ def get_daq_qat_qconfig_mapping(backend: str = "x86", weight_bits: int = 4, act_
         ...                                       float_module_names=first_and_last_layer_names(model))
     """
     backend = _check_backend(backend)
-    qconfig = get_daq_qconfig(weight_bits, act_bits, per_channel, gamma, weight_sigma, act_sigma, init=init)
+    qconfig = get_daq_qconfig(weight_bits, act_bits, per_channel, gamma, weight_sigma, act_sigma, init=init,
+                              rounding=rounding, beta=beta)
     mapping = get_default_qat_qconfig_mapping(backend).set_global(qconfig)
     if per_channel:
-        per_tensor = get_daq_qconfig(weight_bits, act_bits, False, gamma, weight_sigma, act_sigma, init=init)
+        per_tensor = get_daq_qconfig(weight_bits, act_bits, False, gamma, weight_sigma, act_sigma, init=init,
+                                     rounding=rounding, beta=beta)
         for transposed in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
             mapping.set_object_type(transposed, per_tensor)
     if isinstance(float_module_names, str):

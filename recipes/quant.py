@@ -5,7 +5,13 @@ Three ``framework`` values share one interface (prepare → train → convert/ex
 * ``fx``: DAQ through :mod:`daq_fx` (torch.ao FX graph mode), converted to an x86 int8 model;
 * ``brevitas``: DAQ through :mod:`daq_brevitas`, exported to QONNX;
 * ``stock``: torch.ao's stock QAT (``FakeQuantize`` with moving-average min/max observers and
-  the straight-through estimator), the baseline the DAQ numbers are compared with.
+  the straight-through estimator), the baseline the DAQ numbers are compared with;
+* ``lsq``: torch.ao's learnable fake-quant (LSQ), converted like ``stock``;
+* ``brevitas-stock``: Brevitas's own STE quantizers, exported like ``brevitas``
+  (see :mod:`recipes.baselines`).
+
+``QuantSpec.rounding`` (fx only) selects the paper's ablations of DAQ: ``"ste"`` and
+``"soft"`` with a fixed temperature ``beta``.
 
 Everything framework-specific lives here; the trainer only sees a model, its quantizer
 parameters (for the separate Adam group of DAQ-SPEC §6) and a converted model.
@@ -23,7 +29,13 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-FRAMEWORKS = ("fx", "brevitas", "stock")
+FRAMEWORKS = ("fx", "brevitas", "stock", "lsq", "brevitas-stock")
+#: frameworks that go through torch.ao FX (prepare_qat_fx / convert_fx to x86 int8)
+FX_FRAMEWORKS = ("fx", "stock", "lsq")
+#: DAQ's rounding and the paper's ablations (``daq_core.ROUNDINGS``); fx only
+ROUNDINGS = ("dasr", "ste", "soft")
+#: the quantizer family inside the fx / brevitas plugins: DAQ, or N2UQ (issue 7; DAQ-SPEC §8)
+QUANTIZERS = ("daq", "n2uq")
 
 
 class QuantError(RuntimeError):
@@ -52,23 +64,27 @@ def _import_daq_brevitas():
 # qconfig mappings (FX)
 # --------------------------------------------------------------------------------------
 
-def stock_qconfig_mapping(weight_bits: int, act_bits: int, backend: str = "x86"):
-    """torch.ao's default QAT mapping with its FakeQuantize narrowed to ``weight_bits``/``act_bits``."""
-    from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
-    from torch.ao.quantization import QConfig, get_default_qat_qconfig_mapping
-
-    act = FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=2 ** act_bits - 1,
-                                 dtype=torch.quint8, qscheme=torch.per_tensor_affine, reduce_range=False)
-    wq = 2 ** (weight_bits - 1)
-    weight = FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver, quant_min=-wq, quant_max=wq - 1,
-                                    dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0)
-    return get_default_qat_qconfig_mapping(backend).set_global(QConfig(activation=act, weight=weight))
-
-
-def _daq_fx_qconfig_mapping(weight_bits: int, act_bits: int, backend: str = "x86"):
+def _daq_fx_qconfig_mapping(spec: "QuantSpec"):
     daq_fx = _import_daq_fx()
-    fn = getattr(daq_fx, "get_daq_qat_qconfig_mapping")
-    return fn(backend=backend, weight_bits=weight_bits, act_bits=act_bits)
+    kwargs = {}
+    if spec.quantizer == "n2uq":
+        return daq_fx.get_n2uq_qat_qconfig_mapping(backend=spec.backend, weight_bits=spec.weight_bits,
+                                                   act_bits=8 if spec.act_bits >= 32 else spec.act_bits)
+    if spec.rounding != "dasr":
+        kwargs.update(rounding=spec.rounding, beta=spec.beta)
+    return daq_fx.get_daq_qat_qconfig_mapping(backend=spec.backend, weight_bits=spec.weight_bits,
+                                              act_bits=8 if spec.act_bits >= 32 else spec.act_bits, **kwargs)
+
+
+def _fx_qconfig_mapping(spec: "QuantSpec"):
+    from .baselines import lsq_qconfig_mapping, stock_qconfig_mapping
+
+    act_bits = 8 if spec.act_bits >= 32 else spec.act_bits   # A32: activation fake-quants disabled later
+    if spec.framework == "fx":
+        return _daq_fx_qconfig_mapping(spec)
+    if spec.framework == "lsq":
+        return lsq_qconfig_mapping(spec.weight_bits, act_bits, spec.backend)
+    return stock_qconfig_mapping(spec.weight_bits, act_bits, spec.backend)
 
 
 # --------------------------------------------------------------------------------------
@@ -82,19 +98,39 @@ class QuantSpec:
     act_bits: int
     float_layers: Sequence[str] = ()
     backend: str = "x86"
+    rounding: str = "dasr"
+    beta: Optional[float] = None
+    quantizer: str = "daq"
     extra: Dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.framework not in FRAMEWORKS:
             raise QuantError(f"unknown --framework {self.framework!r}: choose one of {', '.join(FRAMEWORKS)}")
+        if self.quantizer not in QUANTIZERS:
+            raise QuantError(f"unknown --quantizer {self.quantizer!r}: choose one of {', '.join(QUANTIZERS)}")
+        if self.quantizer != "daq" and self.framework not in ("fx", "brevitas"):
+            raise QuantError(f"--quantizer {self.quantizer} is wired for --framework fx and brevitas, not"
+                             f" {self.framework!r} (a baseline with its own quantizer)")
+        if self.quantizer != "daq" and self.rounding != "dasr":
+            raise QuantError("--rounding selects DAQ's ablations; it does not apply to --quantizer n2uq")
+        if self.rounding not in ROUNDINGS:
+            raise QuantError(f"unknown --rounding {self.rounding!r}: choose one of {', '.join(ROUNDINGS)}")
+        if self.rounding != "dasr" and self.framework != "fx":
+            raise QuantError(f"--rounding {self.rounding} (a DAQ ablation) is wired for --framework fx only")
+        if (self.rounding == "soft") != (self.beta is not None):
+            raise QuantError("--rounding soft needs --beta (a fixed temperature, e.g. 4 or 24), and --beta"
+                             " applies to --rounding soft only")
+        if self.framework in ("stock", "lsq", "brevitas-stock") and self.weight_bits < 2:
+            raise QuantError(f"--framework {self.framework} has no 1-bit weight grid (its signed range at 1 bit is"
+                             f" {{-1, 0}}); use 2 bits or more, or --framework fx/brevitas (DAQ: ±1)")
 
 
 def prepare(model: nn.Module, spec: QuantSpec, example_inputs) -> nn.Module:
     """Insert the quantizers; the returned model is in train mode and ready for QAT."""
     from .models import unfuse_batchnorm_act
 
-    if spec.framework in ("fx", "stock"):
-        try:  # the same model surgery for DAQ and the stock baseline (BatchNormAct2d split, ReLU6 -> ReLU)
+    if spec.framework in FX_FRAMEWORKS:
+        try:  # the same model surgery for DAQ and the baselines (BatchNormAct2d split, ReLU6 -> ReLU)
             from daq_fx import prepare_timm_model
             model = prepare_timm_model(model, relu6_to_relu=True)
         except ImportError:
@@ -103,15 +139,13 @@ def prepare(model: nn.Module, spec: QuantSpec, example_inputs) -> nn.Module:
         model = unfuse_batchnorm_act(model)
     model.train()
     float_acts = spec.act_bits >= 32
-    if float_acts and spec.framework == "brevitas":
-        raise QuantError("float activations (A32) are not wired for --framework brevitas in the recipes;"
+    if float_acts and spec.framework not in FX_FRAMEWORKS:
+        raise QuantError(f"float activations (A32) are not wired for --framework {spec.framework} in the recipes;"
                          " use --framework fx (weight-only DAQ, reported as QAT accuracy)")
-    if spec.framework in ("fx", "stock"):
+    if spec.framework in FX_FRAMEWORKS:
         from torch.ao.quantization.quantize_fx import prepare_qat_fx as stock_prepare
 
-        act_bits = 8 if float_acts else spec.act_bits   # A32: activation fake-quants disabled below
-        mapping = (_daq_fx_qconfig_mapping(spec.weight_bits, act_bits, spec.backend) if spec.framework == "fx"
-                   else stock_qconfig_mapping(spec.weight_bits, act_bits, spec.backend))
+        mapping = _fx_qconfig_mapping(spec)
         for name in spec.float_layers:
             mapping = mapping.set_module_name(name, None)
         if spec.framework == "fx":
@@ -127,9 +161,16 @@ def prepare(model: nn.Module, spec: QuantSpec, example_inputs) -> nn.Module:
                     mod.disable_observer()
         return prepared
     daq_brevitas = _import_daq_brevitas()
+    kwargs = {}
+    if spec.quantizer == "n2uq":
+        kwargs["quantizer"] = "n2uq"
+    if spec.framework == "brevitas-stock":
+        from .baselines import brevitas_stock_quantizers
+
+        kwargs = dict(zip(("weight_quant", "act_quant", "signed_act_quant"), brevitas_stock_quantizers()))
     # daq_brevitas keeps "the first and the last weight layer" in float (the recipes' float_layers)
     return daq_brevitas.quantize_model(model, weight_bit_width=spec.weight_bits, act_bit_width=spec.act_bits,
-                                       keep_first_last_float=bool(spec.float_layers))
+                                       keep_first_last_float=bool(spec.float_layers), **kwargs)
 
 
 def quantizer_parameters(model: nn.Module, spec: QuantSpec) -> List[nn.Parameter]:
@@ -171,7 +212,12 @@ def convert(qat_model: nn.Module, spec: QuantSpec, out_dir: Optional[Path] = Non
         artifacts["note"] = ("float activations (A32): torch.ao has no x86 int8 kernel for weight-only convs,"
                              " so no int model is built; the QAT accuracy is the result")
         return None, artifacts
-    if spec.framework in ("fx", "stock"):
+    if spec.quantizer == "n2uq":
+        artifacts["note"] = ("N2UQ's learned non-uniform activation thresholds have no int8-kernel or QONNX"
+                             " equivalent: daq_fx.convert_fx and the QONNX export refuse it rather than convert"
+                             " with uniform thresholds; the QAT accuracy is the result")
+        return None, artifacts
+    if spec.framework in FX_FRAMEWORKS:
         torch.backends.quantized.engine = spec.backend if spec.backend in torch.backends.quantized.supported_engines \
             else torch.backends.quantized.engine
         if spec.framework == "fx":

@@ -91,6 +91,13 @@ def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
     g.add_argument("--float-layers", default=None,
                    help="comma-separated module names kept in float ('' = quantize every layer)")
     g.add_argument("--compile-kernels", action="store_true", help="torch.compile the DAQ element-wise kernels")
+    g.add_argument("--quantizer", default="daq", choices=quant_mod.QUANTIZERS,
+                   help="quantizer family inside --framework fx/brevitas: daq, or n2uq (learned non-uniform"
+                        " thresholds; QAT accuracy only, no int conversion)")
+    g.add_argument("--rounding", default="dasr", choices=quant_mod.ROUNDINGS,
+                   help="fx DAQ only: dasr (DAQ); the paper's ablations ste (DAQ with a straight-through gradient)"
+                        " and soft (fixed-temperature soft argmax in training, rounding at test time; needs --beta)")
+    g.add_argument("--beta", type=float, default=None, help="the fixed temperature of --rounding soft (paper: 4, 24)")
     g = p.add_argument_group("training (DAQ-SPEC §6)")
     g.add_argument("--epochs", type=int, help="QAT epochs")
     g.add_argument("--float-epochs", type=int, help="float epochs before QAT (0: start QAT from the given weights)")
@@ -353,7 +360,9 @@ class Pipeline:
         a = self.args
         return {"recipe": self.recipe, "model": a.model, "framework": a.framework, "weight_bits": a.bits[0],
                 "act_bits": a.bits[1], "num_classes": self.data.num_classes, "img_size": a.img_size,
-                "float_layers": list(self.float_layers), "version": CHECKPOINT_VERSION}
+                "float_layers": list(self.float_layers), "quantizer": a.quantizer, "rounding": a.rounding,
+                "beta": a.beta,
+                "version": CHECKPOINT_VERSION}
 
     def log(self, msg: str):
         if self.dist.main:
@@ -460,8 +469,9 @@ class Pipeline:
             raise RecipeError(f"--resume: {path} is not a recipe checkpoint (for float weights use"
                               f" --initial-checkpoint)")
         theirs, ours = ckpt["daq_recipe"], self.meta()
-        for key in ("model", "framework", "weight_bits", "act_bits", "num_classes", "img_size", "float_layers"):
-            if theirs.get(key) != ours.get(key):
+        for key in ("model", "framework", "weight_bits", "act_bits", "num_classes", "img_size", "float_layers",
+                    "quantizer", "rounding", "beta"):
+            if theirs.get(key, ours[key] if key in ("quantizer", "rounding", "beta") else None) != ours.get(key):
                 raise RecipeError(f"--resume: checkpoint {path} is for {key}={theirs.get(key)!r} but this run has"
                                   f" {key}={ours.get(key)!r} (checkpoint: {theirs['model']} W{theirs['weight_bits']}"
                                   f"A{theirs['act_bits']} {theirs['framework']}); use a fresh --output or the same"
@@ -609,7 +619,11 @@ class Pipeline:
         a = self.args
         self.setup()
         w, ab = a.bits
-        self.spec = quant_mod.QuantSpec(a.framework, w, ab, self.float_layers)
+        try:
+            self.spec = quant_mod.QuantSpec(a.framework, w, ab, self.float_layers, rounding=a.rounding, beta=a.beta,
+                                            quantizer=a.quantizer)
+        except quant_mod.QuantError as e:
+            raise RecipeError(str(e)) from e
         ckpt = self.load_resume()
         if ckpt is not None:
             self.results = dict(ckpt.get("results", {}))
@@ -759,6 +773,7 @@ def write_report(p: Pipeline) -> Dict:
     report = {
         "recipe": p.recipe, "command": " ".join(shlex.quote(x) for x in sys.argv),
         "model": a.model, "framework": a.framework, "bits": f"W{w}A{ab}", "float_layers": list(p.float_layers),
+        "quantizer": a.quantizer, "rounding": a.rounding, "beta": a.beta,
         "data": p.data.description, "train_images": len(p.float_train_set), "qat_train_images": len(p.qat_train_set), "val_images": len(p.val_set),
         "img_size": a.img_size, "float_epochs": a.float_epochs, "qat_epochs": a.epochs, "batch_size": a.batch_size,
         "lr": a.lr, "quant_lr": a.quant_lr, "weight_decay": a.weight_decay, "distill": a.distill,
