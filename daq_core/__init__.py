@@ -48,10 +48,11 @@ from .init import (  # noqa: E402
     init_activation_quantizer,
     init_weight_quantizer,
     normalize_weight,
+    output_scale_correction,
 )
 
 __all__ += ["WEIGHT_BOUND_CANDIDATES", "check_init_method", "fit_weight_scale", "init_activation_quantizer",
-            "init_weight_quantizer", "normalize_weight"]
+            "init_weight_quantizer", "normalize_weight", "output_scale_correction"]
 
 from .params import split_parameters  # noqa: E402
 

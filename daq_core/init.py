@@ -25,6 +25,7 @@ __all__ = [
     "init_weight_quantizer",
     "init_activation_quantizer",
     "check_init_method",
+    "output_scale_correction",
 ]
 
 #: Bounds ``±c`` on the normalised weight tried by the "mse" initialisation (3 is the paper's).
@@ -162,3 +163,42 @@ def init_activation_quantizer(x: torch.Tensor, bits: int, signed: bool, method: 
         if best_error is None or error < best_error:
             best, best_error = (lo_c, hi_c), error
     return best[0].reshape(()).float(), best[1].reshape(()).float()
+
+
+def output_scale_correction(reference: torch.Tensor, quantized: torch.Tensor, ch_axis: int = 1,
+                            max_ratio: float = 4.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(ratio, offset)`` with ``ratio · quantized + offset ≈ reference`` (least squares).
+
+    The data-driven form of the layer output scale's initialisation (DAQ-SPEC §5, Eq. 3: the
+    paper sets ``s = mean|conv(x, W)| / mean|conv(a_q, w_q)|`` on the first batch), per output
+    channel and in least squares: ``reference = conv(x, W)`` is the float layer on float inputs,
+    ``quantized = conv(a_q, w_q)`` the quantized layer on its quantized inputs. Multiplying the
+    weight quantizer's output scale ``s`` by ``ratio`` and adding ``offset`` to the layer's bias
+    (bias correction) removes the systematic part of the quantization error that per-weight
+    rounding cannot see. At 2 bits this is what keeps a pretrained network from falling to chance
+    right after prepare.
+
+    Args:
+        reference, quantized: layer outputs of the same shape (e.g. ``N×C×H×W``).
+        ch_axis: the channel axis (1 for conv/linear outputs).
+        max_ratio: ``ratio`` is clamped to ``[1/max_ratio, max_ratio]`` (a channel that is all
+            zero after quantization keeps its scale).
+
+    Returns:
+        ``(ratio, offset)``, each of shape ``(C,)``, float32.
+    """
+    check_floating(reference, "reference")
+    check_floating(quantized, "quantized")
+    if reference.shape != quantized.shape:
+        raise ValueError(f"reference {tuple(reference.shape)} and quantized {tuple(quantized.shape)} must have the"
+                         " same shape (the same layer on the same batch)")
+    check_positive(max_ratio, "max_ratio")
+    dims = _other_dims(reference, ch_axis)
+    ref, q = reference.detach().float(), quantized.detach().float()
+    ref_c = ref - ref.mean(dim=dims, keepdim=True)
+    q_c = q - q.mean(dim=dims, keepdim=True)
+    energy = q_c.pow(2).sum(dim=dims)
+    ratio = torch.where(energy > 0, (ref_c * q_c).sum(dim=dims) / energy.clamp_min(1e-30), torch.ones_like(energy))
+    ratio = ratio.clamp(1.0 / max_ratio, max_ratio)
+    offset = ref.mean(dim=dims) - ratio * q.mean(dim=dims)
+    return ratio.reshape(-1), offset.reshape(-1)

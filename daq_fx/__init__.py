@@ -37,3 +37,7 @@ from .qconfig import (
 )
 
 __all__ = [name for name in dir() if not name.startswith("_")]
+
+from .calibrate import calibrate_output_scales  # noqa: E402
+
+__all__ += ["calibrate_output_scales"]

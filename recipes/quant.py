@@ -173,6 +173,16 @@ def prepare(model: nn.Module, spec: QuantSpec, example_inputs) -> nn.Module:
                                        keep_first_last_float=bool(spec.float_layers), **kwargs)
 
 
+def calibrate(model: nn.Module, spec: QuantSpec, batch: torch.Tensor) -> List[str]:
+    """Data-driven output scales and bias correction after initialisation (fx DAQ; else a no-op).
+
+    See :func:`daq_fx.calibrate_output_scales` (DAQ-SPEC §5). Returns the corrected layers.
+    """
+    if spec.framework != "fx" or spec.quantizer != "daq":
+        return []
+    return _import_daq_fx().calibrate_output_scales(getattr(model, "module", model), batch)
+
+
 def quantizer_parameters(model: nn.Module, spec: QuantSpec) -> List[nn.Parameter]:
     """The learned quantizer parameters (bounds, output scales): DAQ-SPEC §6's Adam group."""
     model = getattr(model, "module", model)

@@ -91,6 +91,9 @@ def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
     g.add_argument("--float-layers", default=None,
                    help="comma-separated module names kept in float ('' = quantize every layer)")
     g.add_argument("--compile-kernels", action="store_true", help="torch.compile the DAQ element-wise kernels")
+    g.add_argument("--calibrate-scales", action=argparse.BooleanOptionalAction, default=True,
+                   help="fx DAQ: fit the weight quantizers' output scales and the layer biases to the calibration"
+                        " batch after initialisation (DAQ-SPEC §5, daq_fx.calibrate_output_scales)")
     g.add_argument("--quantizer", default="daq", choices=quant_mod.QUANTIZERS,
                    help="quantizer family inside --framework fx/brevitas: daq, or n2uq (learned non-uniform"
                         " thresholds; QAT accuracy only, no int conversion)")
@@ -613,6 +616,8 @@ class Pipeline:
         with torch.no_grad():
             for k, v in bn_bufs.items():
                 sd[k].copy_(v)
+        if a.calibrate_scales:
+            quant_mod.calibrate(qat, spec, calib)
         return qat
 
     def run(self):
@@ -777,7 +782,7 @@ def write_report(p: Pipeline) -> Dict:
         "data": p.data.description, "train_images": len(p.float_train_set), "qat_train_images": len(p.qat_train_set), "val_images": len(p.val_set),
         "img_size": a.img_size, "float_epochs": a.float_epochs, "qat_epochs": a.epochs, "batch_size": a.batch_size,
         "lr": a.lr, "quant_lr": a.quant_lr, "weight_decay": a.weight_decay, "distill": a.distill,
-        "freeze_bn": a.freeze_bn,
+        "freeze_bn": a.freeze_bn, "calibrate_scales": a.calibrate_scales,
         "processes": p.dist.world, "device": str(p.device), "seed": a.seed,
         "float_acc": fa, "after_prepare_acc": r.get("after_prepare_acc"), "qat_acc": qa, "int_acc": ia,
         "agreement": r.get("agreement"),
