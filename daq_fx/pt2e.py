@@ -1,0 +1,628 @@
+"""DAQ on torchao's pt2e flow (``torch.export`` → ``prepare_qat_pt2e`` → ``convert_pt2e``).
+
+torch 2.14 deprecates ``torch.ao.quantization`` in favour of torchao's pt2e flow. This module
+puts the *same* DAQ fake-quant (:class:`daq_fx.DAQFakeQuantize`, numerics in :mod:`daq_core`)
+into that flow; it needs ``torchao>=0.15,<0.19`` (``pip install "daq-quant[pt2e]"``)::
+
+    import timm, torch
+    from daq_fx import pt2e
+    model = timm.create_model("mobilenetv2_100", num_classes=10)
+    example = (torch.randn(2, 3, 96, 96),)
+    qat = pt2e.prepare_qat_pt2e(pt2e.export_for_qat(model, example), pt2e.DAQQuantizer(4, 4))
+    ...  # train qat (quantizer parameters: daq_fx.quantizer_parameters(qat))
+    int8 = pt2e.convert_pt2e(qat)                       # q/dq reference model, ints on DAQ's grid
+    x86 = pt2e.lower_to_x86(int8, example)              # oneDNN int8 kernels (see ISA note there)
+
+What differs from a plain torchao flow, and why (INTEGRATION-NOTES):
+
+* :class:`DAQQuantizer` annotates like torch.ao's x86 FX backend config: the input of every
+  conv / linear, its weight, and the output of the fused ``conv [+ bn] [+ relu/relu6]`` pattern;
+  residual ``add [+ relu]``; pooling / flatten / dropout share their input's grid. The fake-quants
+  therefore sit where :func:`daq_fx.prepare_qat_fx` puts them and both flows compute the same
+  function.
+* :func:`convert_pt2e` *bakes* the weights first: pt2e, like torch.ao, quantizes the float (BN-folded)
+  weight with ``round(W f / scale)``, which is not DAQ's standardise-and-clip mapping. The weight is
+  replaced by ``fq(W f) / f`` (:func:`daq_fx.bake_weight`) so that the folded weight lies on the grid.
+* :func:`lower_to_x86` clamps 4-bit (sub-8-bit) activation codes after the oneDNN kernels, which
+  saturate at 0..255 and ignore ``quant_max``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import warnings
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import fx, nn
+
+try:
+    from torchao.quantization.pt2e import FakeQuantizeBase as _TorchaoFakeQuantizeBase
+    from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+    from torchao.quantization.pt2e import quantize_pt2e as _quantize_pt2e
+    from torchao.quantization.pt2e.quantizer import (
+        QuantizationAnnotation,
+        QuantizationSpec,
+        Quantizer,
+        SharedQuantizationSpec,
+    )
+except ImportError as _error:  # pragma: no cover - exercised only without torchao
+    raise ImportError(
+        "daq_fx.pt2e needs torchao's pt2e quantization (torchao>=0.15,<0.19): "
+        "pip install 'daq-quant[pt2e]'  or  pip install 'torchao>=0.15,<0.19'") from _error
+
+from daq_core import DEFAULT_GAMMA, MAX_INT8_WEIGHT_BITS, check_bits, check_positive, num_levels
+
+from .convert import bake_weight
+from .fake_quantize import ACTIVATION, WEIGHT, DAQFakeQuantize
+
+__all__ = [
+    "DAQFakeQuantizePT2E",
+    "DAQQuantizer",
+    "export_for_qat",
+    "prepare_qat_pt2e",
+    "convert_pt2e",
+    "bake_daq_weights_pt2e",
+    "weight_fake_quants",
+    "quantized_weights",
+    "lower_to_x86",
+    "check_x86_lowering",
+    "move_exported_model_to_eval",
+    "move_exported_model_to_train",
+    "ONEDNN_ISA_ENV",
+    "SAFE_ONEDNN_ISA",
+]
+
+aten = torch.ops.aten
+_Q_ANNOTATION_KEY = "quantization_annotation"
+
+
+# --------------------------------------------------------------------------------------
+# the fake-quant: DAQFakeQuantize, recognised by torchao
+# --------------------------------------------------------------------------------------
+
+class DAQFakeQuantizePT2E(_TorchaoFakeQuantizeBase, DAQFakeQuantize):
+    """:class:`daq_fx.DAQFakeQuantize` as a torchao pt2e fake-quant (same numerics, same state).
+
+    torchao recognises fake-quants by ``isinstance(torchao.quantization.pt2e.FakeQuantizeBase)``
+    and builds them as ``ctr(dtype=, quant_min=, quant_max=, qscheme=, is_dynamic=)`` from the
+    annotation's ``QuantizationSpec``; those arguments are checked against DAQ's grid and
+    otherwise ignored. Everything else (forward, first-batch initialisation, ``calculate_qparams``,
+    parameters ``lower_bound`` / ``upper_bound`` / ``output_scale``) is :class:`DAQFakeQuantize`'s,
+    so :func:`daq_fx.quantizer_parameters` and :func:`daq_fx.bake_weight` work unchanged.
+    """
+
+    def __init__(self, role: str = ACTIVATION, bits: int = 4, ch_axis: Optional[int] = None,
+                 signed: Optional[bool] = None, gamma: float = DEFAULT_GAMMA, sigma: Optional[float] = None,
+                 num_std: float = 3.0, center: Optional[bool] = None, init: str = "mse",
+                 factory_kwargs: Optional[dict] = None, *, dtype: Optional[torch.dtype] = None,
+                 quant_min: Optional[int] = None, quant_max: Optional[int] = None,
+                 qscheme: Optional[torch.qscheme] = None, is_dynamic: bool = False) -> None:
+        DAQFakeQuantize.__init__(self, role=role, bits=bits, ch_axis=ch_axis, signed=signed, gamma=gamma,
+                                 sigma=sigma, num_std=num_std, center=center, init=init,
+                                 factory_kwargs=factory_kwargs)
+        expected = {"quant_min": (quant_min, self.quant_min), "quant_max": (quant_max, self.quant_max),
+                    "qscheme": (qscheme, self.qscheme)}
+        for name, (given, own) in expected.items():
+            if given is not None and given != own:
+                raise ValueError(f"QuantizationSpec {name}={given!r} does not describe DAQ's {role} grid at {bits}"
+                                 f" bits ({name}={own!r}); build specs with daq_fx.pt2e.DAQQuantizer")
+        if dtype is not None and dtype not in (torch.int8, torch.uint8, torch.qint8, torch.quint8):
+            raise ValueError(f"DAQ quantizes to int8/uint8, got dtype={dtype!r}")
+        if is_dynamic:
+            raise ValueError("DAQ quantizers are static (learned bounds): is_dynamic=True is not supported")
+
+    # torchao's base declares these abstract and comes first in the MRO: take DAQ's
+    forward = DAQFakeQuantize.forward
+    calculate_qparams = DAQFakeQuantize.calculate_qparams
+
+
+# --------------------------------------------------------------------------------------
+# the quantizer
+# --------------------------------------------------------------------------------------
+
+_CONV = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
+_LINEAR = {aten.linear.default}
+_BATCHNORM = {aten.batch_norm.default}
+_UNARY = {aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default}
+_RELU = {aten.relu.default, aten.relu_.default}
+_ADD = {aten.add.Tensor, aten.add_.Tensor}
+#: ops that only move, select or average values: their output keeps the input's grid
+_SHARED = {aten.max_pool2d.default, aten.max_pool1d.default, aten.avg_pool2d.default,
+           aten.adaptive_avg_pool2d.default, aten.mean.dim, aten.flatten.using_ints, aten.dropout.default,
+           aten.view.default, aten.reshape.default, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default,
+           aten.permute.default, aten.clone.default, aten.contiguous.default}
+
+
+def _is_float_tensor_node(node: Any) -> bool:
+    if not isinstance(node, fx.Node) or node.op == "get_attr":
+        return False
+    value = node.meta.get("val")
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+def _module_path(node: fx.Node) -> List[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    return [path for path, _ in stack.values()]
+
+
+def _is_annotated(node: fx.Node) -> bool:
+    annotation = node.meta.get(_Q_ANNOTATION_KEY)
+    return annotation is not None and annotation._annotated
+
+
+def _annotate(node: fx.Node, input_qspec_map=None, output_qspec=None) -> None:
+    node.meta[_Q_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map=dict(input_qspec_map or {}),
+                                                          output_qspec=output_qspec, _annotated=True)
+
+
+def _single_user(node: fx.Node, targets) -> Optional[fx.Node]:
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    return user if user.op == "call_function" and user.target in targets else None
+
+
+class DAQQuantizer(Quantizer):
+    """A torchao pt2e ``Quantizer`` that puts DAQ fake-quants on a ``torch.export``-ed model.
+
+    Annotated (the placement of torch.ao's x86 FX backend config, so that
+    :func:`daq_fx.prepare_qat_fx` and this flow quantize the same tensors):
+
+    * ``conv1d/2d/3d`` and ``linear``: input activation, weight (per output channel or per tensor),
+      and the output of the fused pattern ``conv [→ batch_norm] [→ relu | hardtanh]``
+      (ReLU6 exports as ``hardtanh(0, 6)``; the quantizer after it is capped at 6 by
+      :func:`prepare_qat_pt2e`, the same clip :func:`daq_fx.prepare_qat_fx` gives);
+    * ``add [→ relu]``: both inputs and the output;
+    * pooling, mean, flatten, dropout, view/reshape: output shares the input's quantizer
+      (only where the input is quantized).
+
+    Biases stay float (int32 accumulation in the backends); other ops stay float.
+
+    Args:
+        weight_bits: 1..7 (DAQ's odd-integer grid ±(2^b - 1) must fit int8).
+        act_bits: 1..8.
+        per_channel: per-output-channel weight bounds, scale and normalisation (recommended);
+            ``False`` is the paper's per-layer form.
+        gamma, weight_sigma, act_sigma, act_signed, init: as :func:`daq_fx.get_daq_qconfig`.
+        float_module_names: module paths (as in ``model.named_modules()``) whose conv/linear
+            layers stay in float, e.g. ``daq_fx.first_and_last_layer_names(model)``.
+    """
+
+    def __init__(self, weight_bits: int = 4, act_bits: int = 4, per_channel: bool = True,
+                 gamma: float = DEFAULT_GAMMA, weight_sigma: Optional[float] = None,
+                 act_sigma: Optional[float] = None, act_signed: Optional[bool] = None, init: str = "mse",
+                 float_module_names: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.weight_bits = check_bits(weight_bits, "weight_bits", MAX_INT8_WEIGHT_BITS)
+        self.act_bits = check_bits(act_bits, "act_bits")
+        check_positive(gamma, "gamma")
+        if not isinstance(per_channel, bool):
+            raise TypeError(f"per_channel must be True or False, got {per_channel!r}")
+        if isinstance(float_module_names, str):
+            raise TypeError(f"float_module_names must be a list of module names; write [{float_module_names!r}]")
+        self.per_channel = per_channel
+        self.float_module_names = tuple(float_module_names)
+        n_w, n_a = num_levels(self.weight_bits), num_levels(self.act_bits)
+        weight_ctr = DAQFakeQuantizePT2E.with_args(role=WEIGHT, bits=self.weight_bits,
+                                                   ch_axis=0 if per_channel else None, gamma=gamma,
+                                                   sigma=weight_sigma, init=init)
+        act_ctr = DAQFakeQuantizePT2E.with_args(role=ACTIVATION, bits=self.act_bits, gamma=gamma, sigma=act_sigma,
+                                                signed=act_signed, init=init)
+        # one spec object each: equal specs on an op's output and its users' input edges share one fake-quant
+        self.weight_spec = QuantizationSpec(
+            dtype=torch.int8, observer_or_fake_quant_ctr=weight_ctr, quant_min=-n_w, quant_max=n_w,
+            qscheme=torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric,
+            ch_axis=0 if per_channel else None)
+        self.act_spec = QuantizationSpec(dtype=torch.uint8, observer_or_fake_quant_ctr=act_ctr, quant_min=0,
+                                         quant_max=n_a, qscheme=torch.per_tensor_affine)
+
+    def _is_float_module(self, node: fx.Node) -> bool:
+        if not self.float_module_names:
+            return False
+        paths = _module_path(node)
+        return any(path == name or path.startswith(name + ".") for path in paths for name in self.float_module_names)
+
+    def annotate(self, model: fx.GraphModule) -> fx.GraphModule:
+        act, weight = self.act_spec, self.weight_spec
+        quantized = set()          # nodes whose output carries a DAQ activation quantizer
+        for node in model.graph.nodes:
+            if node.op != "call_function" or _is_annotated(node):
+                continue
+            if node.target in _CONV or node.target in _LINEAR:
+                x, w = node.args[0], node.args[1]
+                if self._is_float_module(node) or not isinstance(w, fx.Node) or not _is_float_tensor_node(x):
+                    continue
+                if node.target in _CONV and w.meta.get("val") is not None and w.meta["val"].dim() < 3:
+                    continue
+                last = node
+                bn = _single_user(node, _BATCHNORM) if node.target in _CONV else None
+                if bn is not None:
+                    last = bn
+                unary = _single_user(last, _UNARY)
+                if unary is not None:
+                    last = unary
+                _annotate(node, {x: act, w: weight}, act if last is node else None)
+                for inner in (bn, unary):
+                    if inner is not None:
+                        _annotate(inner, output_qspec=act if inner is last else None)
+                quantized.add(last)
+            elif node.target in _ADD:
+                a, b = node.args[0], node.args[1]
+                if not (_is_float_tensor_node(a) and _is_float_tensor_node(b)) or self._is_float_module(node):
+                    continue      # e.g. BN's num_batches_tracked += 1, or a scalar add
+                relu = _single_user(node, _RELU)
+                _annotate(node, {a: act, b: act}, act if relu is None else None)
+                if relu is not None:
+                    _annotate(relu, output_qspec=act)
+                quantized.add(relu or node)
+            elif node.target in _SHARED:
+                source = node.args[0]
+                if not isinstance(source, fx.Node) or source not in quantized:
+                    continue
+                _annotate(node, {source: act}, SharedQuantizationSpec((source, node)))
+                quantized.add(node)
+        return model
+
+    def validate(self, model: fx.GraphModule) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------
+# prepare
+# --------------------------------------------------------------------------------------
+
+def export_for_qat(model: nn.Module, example_inputs: Tuple[Any, ...], *, dynamic_batch: bool = True,
+                   **export_kwargs) -> fx.GraphModule:
+    """``torch.export.export(model.train(), example_inputs).module()``: the graph pt2e QAT starts from.
+
+    Export in train mode (BatchNorm with batch statistics, as QAT trains); timm models need no
+    rewriting (``BatchNormAct2d`` exports to ``batch_norm`` + activation, ``ReLU6`` to
+    ``hardtanh(0, 6)``). Zero BN γ (timm ``zero_init_last``) is rejected as in the FX flow.
+    ``dynamic_batch`` (default) leaves the first dimension of every tensor input dynamic (otherwise
+    the exported graph only accepts the example's batch size); ``export_kwargs`` go to
+    ``torch.export.export`` (``dynamic_shapes=`` there overrides it).
+    """
+    from .prepare import check_batchnorm
+    if not isinstance(example_inputs, tuple):
+        raise TypeError("example_inputs must be a tuple of inputs, e.g. (torch.randn(1, 3, 224, 224),)")
+    check_batchnorm(model)
+    model.train()
+    if dynamic_batch and "dynamic_shapes" not in export_kwargs:
+        export_kwargs["dynamic_shapes"] = tuple({0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) else None
+                                                for x in example_inputs)
+    return torch.export.export(model, example_inputs, **export_kwargs).module()
+
+
+def _evaluate(node: Any, model: fx.GraphModule, cache: Dict[fx.Node, Any]):
+    """Value of a node that depends only on parameters / buffers (no placeholders)."""
+    if not isinstance(node, fx.Node):
+        if isinstance(node, (list, tuple)):
+            return type(node)(_evaluate(a, model, cache) for a in node)
+        return node
+    if node in cache:
+        return cache[node]
+    if node.op == "get_attr":
+        value = model
+        for part in node.target.split("."):
+            value = getattr(value, part)
+    elif node.op == "call_function":
+        args = _evaluate(tuple(node.args), model, cache)
+        kwargs = {k: _evaluate(v, model, cache) for k, v in node.kwargs.items()}
+        value = node.target(*args, **kwargs)
+    else:
+        raise ValueError(f"node {node.name} ({node.op}) depends on the model's inputs")
+    cache[node] = value
+    return value
+
+
+def weight_fake_quants(model: fx.GraphModule) -> List[Tuple[str, DAQFakeQuantizePT2E, Optional[torch.Tensor]]]:
+    """``(weight name, fake-quant, fold factor)`` for every DAQ weight quantizer of a prepared model.
+
+    In the order of the conv / linear ops that use them (the order of :func:`quantized_weights`).
+
+    The fake-quant sees ``weight * fold_factor`` (pt2e's QAT Conv-BN fold, ``γ / sqrt(running_var +
+    eps)`` reshaped to the weight's output axis) or the weight itself (``fold_factor`` ``None``).
+    """
+    found, seen = [], set()
+    with torch.no_grad():
+        for consumer in model.graph.nodes:       # in the order of the conv / linear ops that use them
+            if consumer.op != "call_function" or (consumer.target not in _CONV and consumer.target not in _LINEAR):
+                continue
+            node = consumer.args[1]
+            if not isinstance(node, fx.Node) or node.op != "call_module" or node in seen:
+                continue
+            seen.add(node)
+            fq = model.get_submodule(node.target)
+            if not isinstance(fq, DAQFakeQuantize) or not fq.is_weight:
+                continue
+            source = node.args[0]
+            factor = None
+            if source.op == "call_function" and source.target is aten.mul.Tensor and \
+                    isinstance(source.args[0], fx.Node) and source.args[0].op == "get_attr":
+                factor = _evaluate(source.args[1], model, {}).detach()
+                source = source.args[0]
+            if source.op != "get_attr":
+                raise ValueError(f"weight quantizer {node.target!r}: unexpected weight subgraph {source.format_node()}")
+            found.append((source.target, fq, factor))
+    return found
+
+
+def _weight(model: nn.Module, name: str) -> torch.Tensor:
+    value = model
+    for part in name.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _apply_relu6_caps(model: fx.GraphModule) -> int:
+    count = 0
+    for node in model.graph.nodes:
+        if node.op != "call_module":
+            continue
+        fq = model.get_submodule(node.target)
+        source = node.args[0]
+        if not isinstance(fq, DAQFakeQuantize) or fq.is_weight or not isinstance(source, fx.Node):
+            continue
+        if source.op == "call_function" and source.target in (aten.hardtanh.default, aten.hardtanh_.default):
+            low = source.args[1] if len(source.args) > 1 else source.kwargs.get("min_val", -1.0)
+            high = source.args[2] if len(source.args) > 2 else source.kwargs.get("max_val", 1.0)
+            if low == 0 and high > 0:
+                fq.set_upper_limit(float(high))
+                count += 1
+    return count
+
+
+def prepare_qat_pt2e(model, quantizer: Quantizer) -> fx.GraphModule:
+    """torchao's ``prepare_qat_pt2e`` plus DAQ's weight initialisation and ReLU6 caps.
+
+    Args:
+        model: the result of :func:`export_for_qat` / ``torch.export.export(...).module()``
+            (an ``ExportedProgram`` is accepted too), exported in train mode.
+        quantizer: usually :class:`DAQQuantizer`.
+
+    Returns:
+        The QAT ``GraphModule``: train it as is; switch with :func:`move_exported_model_to_eval` /
+        :func:`move_exported_model_to_train` (``.eval()`` is not allowed on pt2e models). Every DAQ
+        weight quantizer is initialised from its (BN-folded) weight, so an optimizer over
+        ``daq_fx.quantizer_parameters(model)`` may be built right away; activation bounds are set by
+        the first training batch.
+    """
+    if isinstance(model, torch.export.ExportedProgram):
+        model = model.module()
+    if not isinstance(model, fx.GraphModule):
+        raise TypeError("model must be an exported GraphModule: daq_fx.pt2e.export_for_qat(model, example_inputs)"
+                        f" or torch.export.export(model, example_inputs).module(); got {type(model).__name__}")
+    prepared = _quantize_pt2e.prepare_qat_pt2e(model, quantizer)
+    with torch.no_grad():
+        for name, fq, factor in weight_fake_quants(prepared):
+            if fq.initialized[0] == 0:
+                weight = _weight(prepared, name)
+                fq.initialize(weight if factor is None else weight * factor)
+    prepared.meta["daq_relu6_caps"] = _apply_relu6_caps(prepared)
+    return prepared
+
+
+# --------------------------------------------------------------------------------------
+# convert
+# --------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def bake_daq_weights_pt2e(model: fx.GraphModule) -> List[str]:
+    """Write ``fq(W f) / f`` into every DAQ-quantized weight and switch its fake-quant off.
+
+    pt2e's convert folds BN into the weight (``W f``) and quantizes it with ``round(W f / scale)``;
+    after baking that lands exactly on DAQ's odd-integer grid. The QAT model's output is unchanged
+    (to ~1 ulp). In place; returns the baked weights' names.
+    """
+    baked = []
+    for name, fq, factor in weight_fake_quants(model):
+        if fq.fake_quant_enabled[0] == 0:
+            continue
+        weight = _weight(model, name)
+        if factor is not None and bool((factor == 0).any()):
+            raise ValueError(f"weight {name!r}: BatchNorm gamma is zero in some channel, the folded weight cannot"
+                             " be baked. Re-initialise gamma (timm: zero_init_last=False) and retrain.")
+        if fq.initialized[0] == 0:
+            fq.initialize(weight if factor is None else weight * factor)
+        weight.copy_(bake_weight(fq, weight, factor))
+        fq.disable_fake_quant()
+        fq.disable_observer()
+        baked.append(name)
+    return baked
+
+
+def convert_pt2e(model: fx.GraphModule, *, inplace: bool = False, use_reference_representation: bool = False,
+                 fold_quantize: bool = True) -> fx.GraphModule:
+    """Bake DAQ weights, then torchao's ``convert_pt2e``: a q/dq model with int8 weights on DAQ's grid.
+
+    The result computes in float between ``quantize_per_tensor`` / ``dequantize_per_tensor`` pairs
+    that clamp to ``quant_min..quant_max`` (4-bit activations stay 0..15), so it reproduces the QAT
+    model in eval. For oneDNN int8 kernels pass it to :func:`lower_to_x86`.
+
+    Args:
+        model: from :func:`prepare_qat_pt2e`, trained.
+        inplace: convert ``model`` itself (default: a deep copy; the QAT model stays usable).
+        use_reference_representation, fold_quantize: as torchao's ``convert_pt2e``.
+    """
+    if not isinstance(model, fx.GraphModule):
+        raise TypeError(f"model must be a prepared GraphModule, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    move_exported_model_to_eval(model)
+    bake_daq_weights_pt2e(model)
+    converted = _quantize_pt2e.convert_pt2e(model, use_reference_representation=use_reference_representation,
+                                            fold_quantize=fold_quantize)
+    return converted
+
+
+_DEQUANTIZE_WEIGHT = {torch.ops.quantized_decomposed.dequantize_per_channel.default,
+                      torch.ops.quantized_decomposed.dequantize_per_tensor.default}
+
+
+def quantized_weights(converted: fx.GraphModule) -> List[torch.Tensor]:
+    """The int8 weight tensors of a converted model's conv / linear ops, in graph order."""
+    found = []
+    for node in converted.graph.nodes:
+        if node.op != "call_function" or (node.target not in _CONV and node.target not in _LINEAR):
+            continue
+        dq = node.args[1]
+        if isinstance(dq, fx.Node) and dq.op == "call_function" and dq.target in _DEQUANTIZE_WEIGHT \
+                and dq.args[0].op == "get_attr":
+            found.append(_weight(converted, dq.args[0].target))
+    return found
+
+
+# --------------------------------------------------------------------------------------
+# lowering to x86 (oneDNN)
+# --------------------------------------------------------------------------------------
+
+#: oneDNN reads its ISA cap from this variable once, when the library first runs
+ONEDNN_ISA_ENV = "ONEDNN_MAX_CPU_ISA"
+#: on the project's VMs the lowered kernels die with SIGILL ("Illegal instruction") above this ISA
+SAFE_ONEDNN_ISA = "AVX512_CORE_VNNI"
+
+_CHECK_SCRIPT = r"""
+import torch
+torch.manual_seed(0)
+conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval()
+x = torch.randn(1, 3, 8, 8)
+from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, convert_pt2e
+from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+    X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+from torchao.quantization.pt2e.lowering import lower_pt2e_quantized_to_x86
+m = torch.export.export(conv, (x,)).module()
+m = prepare_pt2e(m, X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config()))
+m(x)
+m = lower_pt2e_quantized_to_x86(convert_pt2e(m), (x,))
+with torch.no_grad():
+    m(x)
+assert "onednn" in m.code
+print("ok")
+"""
+
+
+def check_x86_lowering(timeout: float = 300.0) -> Tuple[bool, str]:
+    """Run a tiny lowered x86 int8 model in a *subprocess* and report ``(works, explanation)``.
+
+    Some (virtual) CPUs advertise instructions that oneDNN's JIT then uses and the CPU cannot
+    execute: the process dies with SIGILL ("Illegal instruction"), which Python cannot catch.
+    Capping oneDNN with ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI`` (set *before* the first oneDNN call
+    in the process, i.e. in the shell or at the top of the script) avoided it on the project's VMs.
+    """
+    env = dict(os.environ)
+    try:
+        result = subprocess.run([sys.executable, "-c", _CHECK_SCRIPT], env=env, capture_output=True, text=True,
+                                timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, f"the lowering check did not finish within {timeout:.0f} s"
+    if result.returncode == 0 and "ok" in result.stdout:
+        return True, f"x86 int8 kernels run ({ONEDNN_ISA_ENV}={env.get(ONEDNN_ISA_ENV, 'unset')})"
+    if result.returncode == -4:   # SIGILL
+        return False, (f"lowered oneDNN kernels crash with 'Illegal instruction' (SIGILL) on this CPU "
+                       f"({ONEDNN_ISA_ENV}={env.get(ONEDNN_ISA_ENV, 'unset')}). Set "
+                       f"{ONEDNN_ISA_ENV}={SAFE_ONEDNN_ISA} in the environment before starting Python.")
+    tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+    return False, f"the lowering check failed (exit {result.returncode}): " + " | ".join(tail)
+
+
+def _check_isa_env(check: Optional[bool]) -> None:
+    if os.environ.get(ONEDNN_ISA_ENV):
+        return
+    if check is None:
+        check = True
+    if not check:
+        warnings.warn(f"{ONEDNN_ISA_ENV} is not set: on CPUs whose advertised ISA oneDNN cannot use, the lowered"
+                      f" kernels abort the process with 'Illegal instruction'; if that happens set"
+                      f" {ONEDNN_ISA_ENV}={SAFE_ONEDNN_ISA}.", RuntimeWarning, stacklevel=3)
+        return
+    works, message = check_x86_lowering()
+    if not works:
+        raise RuntimeError(f"lower_to_x86: {message}")
+
+
+def _activation_ranges(converted: fx.GraphModule) -> Dict[Tuple[float, int], Tuple[int, int]]:
+    """``(scale, zero_point) -> (quant_min, quant_max)`` of every uint8 per-tensor quantize op."""
+    ranges = {}
+    quantize = torch.ops.quantized_decomposed.quantize_per_tensor.default
+    for node in converted.graph.nodes:
+        if node.op == "call_function" and node.target is quantize and node.args[5] == torch.uint8:
+            scale, zero_point, low, high = node.args[1:5]
+            ranges[(float(scale), int(zero_point))] = (int(low), int(high))
+    return ranges
+
+
+def _schema_argument(node: fx.Node, name: str):
+    for index, argument in enumerate(node.target._schema.arguments):
+        if argument.name == name:
+            if index < len(node.args):
+                return node.args[index]
+            return node.kwargs.get(name, argument.default_value)
+    return None
+
+
+def _insert_uint8_clamps(lowered: fx.GraphModule, ranges) -> int:
+    """Clamp the uint8 output codes of fused oneDNN ops to their activation's ``quant_min..quant_max``."""
+    count = 0
+    for node in list(lowered.graph.nodes):
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if schema is None or not schema.name.startswith("onednn::"):
+            continue
+        scale, zero_point = _schema_argument(node, "output_scale"), _schema_argument(node, "output_zero_point")
+        value = node.meta.get("val")
+        if not isinstance(scale, (int, float)) or not isinstance(zero_point, int) or \
+                not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
+            continue
+        key = (float(scale), int(zero_point))
+        if key not in ranges or ranges[key] == (0, 255):
+            continue
+        low, high = ranges[key]
+        users = list(node.users)
+        with lowered.graph.inserting_after(node):
+            clamp = lowered.graph.call_function(aten.clamp.default, (node, low, high))
+        clamp.meta["val"] = value
+        for user in users:
+            user.replace_input_with(node, clamp)
+        count += 1
+    lowered.graph.lint()
+    lowered.recompile()
+    return count
+
+
+def lower_to_x86(converted: fx.GraphModule, example_inputs: Tuple[Any, ...], *, exact: bool = True,
+                 check_isa: Optional[bool] = None) -> fx.GraphModule:
+    """Lower a :func:`convert_pt2e` model to oneDNN int8 kernels (torchao's ``lower_pt2e_quantized_to_x86``).
+
+    Args:
+        exact: clamp the uint8 outputs of fused oneDNN conv / linear kernels to the activation's
+            ``quant_min..quant_max`` (the kernels saturate at 0..255 only, so a 4-bit activation above
+            its learned bound would otherwise keep codes > 15 and differ from the QAT model).
+        check_isa: if ``ONEDNN_MAX_CPU_ISA`` is unset, first run a tiny lowered model in a subprocess
+            (default) and raise a ``RuntimeError`` that explains the fix instead of letting this process
+            die of "Illegal instruction"; ``False`` only warns. Nothing is checked when the variable is set.
+
+    Raises:
+        RuntimeError: torchao has no x86 lowering, or the lowered kernels cannot run on this CPU.
+    """
+    try:
+        from torchao.quantization.pt2e.lowering import lower_pt2e_quantized_to_x86
+        # importing torchao's x86 quantizer registers the int8 weight-prepack / qconv / qlinear fusion
+        # patterns with inductor's freezing passes (without it the lowering leaves a float q/dq graph)
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+    except ImportError as error:  # pragma: no cover - torchao < 0.15
+        raise RuntimeError("this torchao has no torchao.quantization.pt2e.lowering.lower_pt2e_quantized_to_x86;"
+                           " use torchao>=0.15,<0.19") from error
+    _check_isa_env(check_isa)
+    ranges = _activation_ranges(converted)
+    with torch.no_grad():
+        lowered = lower_pt2e_quantized_to_x86(converted, tuple(example_inputs))
+    lowered.meta["daq_activation_clamps"] = _insert_uint8_clamps(lowered, ranges) if exact else 0
+    lowered.meta["daq_onednn_ops"] = sum(1 for node in lowered.graph.nodes if node.op == "call_function"
+                                         and str(getattr(node.target, "_schema", "")).startswith("onednn::"))
+    if lowered.meta["daq_onednn_ops"] == 0:
+        warnings.warn("lower_to_x86: no oneDNN int8 op was fused; the model runs as a float q/dq graph",
+                      RuntimeWarning, stacklevel=2)
+    return lowered
