@@ -41,3 +41,12 @@ __all__ = [name for name in dir() if not name.startswith("_")]
 from .calibrate import calibrate_output_scales  # noqa: E402
 
 __all__ += ["calibrate_output_scales"]
+
+
+def __getattr__(name):
+    """``daq_fx.pt2e`` (torchao's pt2e flow) is imported on first use: torchao is optional (extra ``pt2e``)."""
+    if name == "pt2e":
+        import importlib
+
+        return importlib.import_module(".pt2e", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
