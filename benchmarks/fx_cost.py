@@ -1,24 +1,33 @@
-"""Cost of DAQ in the torch.ao FX flow on timm mobilenetv2_100 (one run prints all ratios).
+"""Cost of DAQ in the torch.ao FX flow on a timm model (one run prints all ratios).
 
 * training step time, DAQ QAT ÷ torch's default ``FakeQuantize`` QAT (target ≤ 1.25);
 * peak training memory, DAQ ÷ default (target ≤ 1.25);
 * converted int8 latency on x86, ``exact=True`` and ``exact=False``, ÷ float eager
-  (targets: exact ≤ 0.4, fast ≤ 0.3).
+  (targets for mobilenetv2_100: exact ≤ 0.4, fast ≤ 0.3).
 
 Both QAT models are prepared by ``daq_fx.prepare_qat_fx`` (same timm surgery, same
-graph); only the qconfig mapping differs. Step timings alternate DAQ / default so that
-load from other processes hits both alike; medians are reported.
+graph); only the qconfig mapping differs (``daq_fx.get_daq_qat_qconfig_mapping("x86", 4, 4)``,
+fully quantized, against ``get_default_qat_qconfig_mapping("x86")``). Step timings
+alternate DAQ / default so that load from other processes hits both alike; medians are
+reported.
 
-Memory method: a thread samples the process RSS (``/proc/self/statm``) every ~0.5 ms
-during one training step (forward, backward, optimizer step) after warm-up; the figure is
-the peak RSS minus the RSS just before the step, i.e. the step's transient working set
-(activations, saved tensors, gradients), not the resident model and libraries. Each QAT
+Memory method: freed heap memory is first returned to the OS (glibc ``malloc_trim``), then
+a thread samples the process RSS (``/proc/self/statm``) every ~0.5 ms during one training
+step (forward, backward, optimizer step) after warm-up; the figure is the peak RSS minus
+the RSS just before the step, i.e. the step's transient working set (activations, saved
+tensors, gradients), not the resident model and libraries. Each QAT
 flavour is measured in its own subprocess.
+
+Models are created by ``recipes.models.create_model`` (timm, plus the registered CIFAR
+``resnet20_cifar``); :data:`MODELS` holds each one's default input size, batch and classes.
+The measurements are functions (:func:`measure_train_step`, :func:`measure_peak_memory`,
+:func:`measure_latency`, :func:`run`) that ``benchmarks/cost.py`` calls for several models.
 
 Usage::
 
-    python benchmarks/fx_cost.py            # 224x224, batch 8, 2 threads, compiled DAQ kernels
+    python benchmarks/fx_cost.py            # mobilenetv2_100 224x224, batch 8, 2 threads, compiled DAQ kernels
     python benchmarks/fx_cost.py --quick    # 64x64, eager kernels, a few steps: seconds, for CI smoke
+    python benchmarks/fx_cost.py --model resnet20_cifar   # 32x32, batch 128
 """
 
 from __future__ import annotations
@@ -37,16 +46,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+#: default input size, batch and number of classes per model (full mode)
+MODELS = {
+    "mobilenetv2_100": {"size": 224, "batch": 8, "num_classes": 1000},
+    "resnet20_cifar": {"size": 32, "batch": 128, "num_classes": 10},
+}
 
-def _build(flavour: str, size: int, batch: int):
-    import timm
 
-    import daq_core
+def _num_classes(model_name: str, num_classes=None) -> int:
+    return num_classes or MODELS.get(model_name, {}).get("num_classes", 1000)
+
+
+def build(flavour: str, size: int, batch: int, model_name: str = "mobilenetv2_100", num_classes=None):
+    """``flavour``: ``"float"`` (eager, timm surgery only), ``"daq"`` or ``"default"`` QAT (FX, initialised)."""
     import daq_fx
+    from recipes.models import create_model
     from torch.ao.quantization import get_default_qat_qconfig_mapping
 
     torch.manual_seed(0)
-    model = timm.create_model("mobilenetv2_100", pretrained=False)
+    model = create_model(model_name, _num_classes(model_name, num_classes), False, None)
     example = (torch.randn(1, 3, size, size),)
     if flavour == "float":
         daq_fx.prepare_timm_model(model)
@@ -59,10 +77,11 @@ def _build(flavour: str, size: int, batch: int):
     return qat
 
 
-def _train_step_fn(model, size, batch):
+def train_step_fn(model, size: int, batch: int, num_classes: int = 1000):
+    """One SGD training step (forward, backward, optimizer step) on a fixed random batch."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, 1000, (batch,))
+    y = torch.randint(0, num_classes, (batch,))
 
     def step():
         loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -77,7 +96,17 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _release_free_memory() -> None:
+    """Hand memory the allocator keeps cached back to the OS, so the next step's RSS growth is its working set."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
 def _peak_step_memory(step) -> int:
+    _release_free_memory()
     peak = [0]
     stop = threading.Event()
 
@@ -101,9 +130,10 @@ def _memory_child(args) -> None:
     torch.set_num_threads(args.threads)
     if args.compile:
         daq_core.use_compiled_kernels(True)
-    model = _build(args.memory_child, args.size, args.batch)
+    num_classes = _num_classes(args.model, args.num_classes)
+    model = build(args.memory_child, args.size, args.batch, args.model, num_classes)
     model.train()
-    step = _train_step_fn(model, args.size, args.batch)
+    step = train_step_fn(model, args.size, args.batch, num_classes)
     for _ in range(2):
         step()
     print(json.dumps({"peak": min(_peak_step_memory(step) for _ in range(2))}))
@@ -118,88 +148,149 @@ def _time(fn, repeats: int) -> list:
     return out
 
 
-def main(argv=None) -> None:
+def measure_train_step(model_name: str, size: int, batch: int, steps: int = 5, num_classes=None,
+                       warmup: int = 2) -> dict:
+    """Median training-step time of DAQ QAT and default QAT, timed alternately.
+
+    Returns a dict with ``daq_s``, ``default_s``, ``ratio``, ``build_warmup_s`` and the DAQ
+    QAT model under ``"daq_model"`` (for :func:`measure_latency`) and both step closures
+    under ``"step_fns"`` (popped by :func:`run`). Uses the DAQ kernels
+    selected by ``daq_core.use_compiled_kernels``.
+    """
+    num_classes = _num_classes(model_name, num_classes)
+    t0 = time.perf_counter()
+    daq = build("daq", size, batch, model_name, num_classes).train()
+    default = build("default", size, batch, model_name, num_classes).train()
+    daq_step = train_step_fn(daq, size, batch, num_classes)
+    default_step = train_step_fn(default, size, batch, num_classes)
+    for _ in range(warmup):          # warm-up (includes torch.compile of the DAQ kernels)
+        daq_step()
+        default_step()
+    build_warmup = time.perf_counter() - t0
+    daq_times, default_times = [], []
+    for _ in range(steps):
+        daq_times += _time(daq_step, 1)
+        default_times += _time(default_step, 1)
+    t_daq, t_default = statistics.median(daq_times), statistics.median(default_times)
+    return {"daq_s": t_daq, "default_s": t_default, "ratio": t_daq / t_default,
+            "build_warmup_s": build_warmup, "steps": steps, "daq_model": daq,
+            "step_fns": {"daq": daq_step, "default": default_step}}
+
+
+def measure_peak_memory(model_name: str, size: int, batch: int, threads: int = 2, compile: bool = True,
+                        num_classes=None, in_process_steps=None) -> dict:
+    """Transient RSS of one training step, DAQ and default QAT, each in its own subprocess.
+
+    ``in_process_steps``: ``{"daq": step, "default": step}`` (from :func:`measure_train_step`)
+    to sample in this process instead: no subprocess start-up, for smoke runs only (the
+    allocator's cached memory from earlier steps hides part of the working set).
+    """
+    peaks = {}
+    for flavour in ("daq", "default"):
+        if in_process_steps is not None:
+            in_process_steps[flavour]()
+            peaks[flavour] = _peak_step_memory(in_process_steps[flavour])
+            continue
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", flavour, "--model", model_name,
+               "--size", str(size), "--batch", str(batch), "--threads", str(threads)]
+        if num_classes:
+            cmd += ["--num-classes", str(num_classes)]
+        if not compile:
+            cmd.append("--no-compile")
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"memory subprocess for {model_name}/{flavour} failed:\n{result.stderr[-3000:]}")
+        peaks[flavour] = json.loads(result.stdout.strip().splitlines()[-1])["peak"]
+    return {"daq_bytes": peaks["daq"], "default_bytes": peaks["default"],
+            "ratio": peaks["daq"] / max(peaks["default"], 1),
+            "method": "in-process RSS" if in_process_steps is not None else "RSS, one subprocess per flavour"}
+
+
+def measure_latency(daq_qat_model, model_name: str, size: int, batch: int, repeats: int = 20,
+                    num_classes=None) -> dict:
+    """Converted int8 (x86) latency, ``exact=True`` and ``exact=False``, against the float eager model."""
+    import daq_fx
+
+    daq_qat_model.eval()
+    exact = daq_fx.convert_fx(daq_qat_model, exact=True)
+    fast = daq_fx.convert_fx(daq_qat_model, exact=False)
+    float_model = build("float", size, batch, model_name, num_classes).eval()
+    x = torch.randn(batch, 3, size, size)
+    samples = {}
+    models = (("float", float_model), ("exact", exact), ("fast", fast))
+    with torch.no_grad():
+        for name, model in models:
+            _time(lambda: model(x), 3)
+        for _ in range(repeats):   # interleaved
+            for name, model in models:
+                samples.setdefault(name, []).extend(_time(lambda: model(x), 1))
+    lat = {k: statistics.median(v) for k, v in samples.items()}
+    return {"float_s": lat["float"], "exact_s": lat["exact"], "fast_s": lat["fast"],
+            "ratio_exact": lat["exact"] / lat["float"], "ratio_fast": lat["fast"] / lat["float"],
+            "activation_clamps": exact.meta.get("daq_activation_clamps"), "repeats": repeats}
+
+
+def run(model_name: str, size: int, batch: int, *, steps: int = 5, threads: int = 2, compile: bool = True,
+        latency_repeats: int = 20, num_classes=None, memory_subprocess: bool = True, log=print) -> dict:
+    """All three measurements for one model; ``log`` gets one human-readable line per figure.
+
+    The caller sets ``torch.set_num_threads``, the quantized engine and the DAQ kernels.
+    ``memory_subprocess=False`` samples memory in this process (see :func:`measure_peak_memory`).
+    """
+    log(f"{model_name} {size}x{size}, batch {batch}, {threads} threads,"
+        f" DAQ kernels {'compiled' if compile else 'eager'}; torch {torch.__version__}")
+    step = measure_train_step(model_name, size, batch, steps, num_classes)
+    log(f"build + warm-up: {step['build_warmup_s']:.1f} s")
+    log(f"train step: DAQ {step['daq_s'] * 1e3:.0f} ms, default FakeQuantize {step['default_s'] * 1e3:.0f} ms"
+        f" -> ratio {step['ratio']:.2f} (target <= 1.25)")
+    step_fns = step.pop("step_fns")
+    mem = measure_peak_memory(model_name, size, batch, threads, compile, num_classes,
+                              None if memory_subprocess else step_fns)
+    del step_fns
+    log(f"peak training-step memory (RSS above pre-step): DAQ {mem['daq_bytes'] / 2**20:.0f} MiB,"
+        f" default {mem['default_bytes'] / 2**20:.0f} MiB -> ratio {mem['ratio']:.2f} (target <= 1.25)")
+    lat = measure_latency(step.pop("daq_model"), model_name, size, batch, latency_repeats, num_classes)
+    log(f"inference batch {batch}: float eager {lat['float_s'] * 1e3:.1f} ms,"
+        f" int8 x86 exact {lat['exact_s'] * 1e3:.1f} ms ({lat['activation_clamps']} clamps),"
+        f" fast {lat['fast_s'] * 1e3:.1f} ms")
+    log(f"latency ratio vs float eager: exact {lat['ratio_exact']:.2f} (target <= 0.4),"
+        f" fast {lat['ratio_fast']:.2f} (target <= 0.3)")
+    return {"model": model_name, "size": size, "batch": batch, "train_step": step, "memory": mem, "latency": lat}
+
+
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="64x64 input, eager kernels, few repeats")
+    parser.add_argument("--model", default="mobilenetv2_100", help="timm model name (default mobilenetv2_100)")
     parser.add_argument("--size", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--num-classes", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None, help="timed training steps per flavour")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="eager DAQ kernels (about 4x slower training; compiled is the default)")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    defaults = MODELS.get(args.model, {"size": 224, "batch": 8})
     if args.quick:
-        args.size = args.size or 64
+        args.size = args.size or min(64, defaults["size"])
         args.steps = args.steps or 2
         args.compile = False
-    args.size = args.size or 224
+    args.size = args.size or defaults["size"]
+    args.batch = args.batch or defaults["batch"]
     args.steps = args.steps or 5
     if args.memory_child:
         _memory_child(args)
-        return
+        return {}
 
     import daq_core
-    import daq_fx
 
     torch.set_num_threads(args.threads)
     torch.backends.quantized.engine = "x86"
     if args.compile:
-        daq_core.use_compiled_kernels(True)
-    print(f"mobilenetv2_100 {args.size}x{args.size}, batch {args.batch}, {args.threads} threads,"
-          f" DAQ kernels {'compiled' if args.compile else 'eager'}; torch {torch.__version__}")
-
-    # ---- training step time -------------------------------------------------------------
-    t0 = time.perf_counter()
-    daq = _build("daq", args.size, args.batch).train()
-    default = _build("default", args.size, args.batch).train()
-    daq_step = _train_step_fn(daq, args.size, args.batch)
-    default_step = _train_step_fn(default, args.size, args.batch)
-    for _ in range(2):          # warm-up (includes torch.compile of the DAQ kernels)
-        daq_step()
-        default_step()
-    print(f"build + warm-up: {time.perf_counter() - t0:.1f} s")
-    daq_times, default_times = [], []
-    for _ in range(args.steps):
-        daq_times += _time(daq_step, 1)
-        default_times += _time(default_step, 1)
-    t_daq, t_default = statistics.median(daq_times), statistics.median(default_times)
-    print(f"train step: DAQ {t_daq * 1e3:.0f} ms, default FakeQuantize {t_default * 1e3:.0f} ms"
-          f" -> ratio {t_daq / t_default:.2f} (target <= 1.25)")
-
-    # ---- peak training memory (one subprocess per flavour) -----------------------------
-    peaks = {}
-    for flavour in ("daq", "default"):
-        cmd = [sys.executable, __file__, "--memory-child", flavour, "--size", str(args.size),
-               "--batch", str(args.batch), "--threads", str(args.threads)]
-        if not args.compile:
-            cmd.append("--no-compile")
-        result = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        peaks[flavour] = json.loads(result.stdout.strip().splitlines()[-1])["peak"]
-    print(f"peak training-step memory (RSS above pre-step): DAQ {peaks['daq'] / 2**20:.0f} MiB,"
-          f" default {peaks['default'] / 2**20:.0f} MiB -> ratio {peaks['daq'] / peaks['default']:.2f}"
-          f" (target <= 1.25)")
-
-    # ---- converted latency -------------------------------------------------------------
-    daq.eval()
-    exact = daq_fx.convert_fx(daq, exact=True)
-    fast = daq_fx.convert_fx(daq, exact=False)
-    float_model = _build("float", args.size, args.batch).eval()
-    x = torch.randn(args.batch, 3, args.size, args.size)
-    repeats = 5 if args.quick else 20
-    results = {}
-    with torch.no_grad():
-        for name, model in (("float", float_model), ("exact", exact), ("fast", fast)):
-            _time(lambda: model(x), 3)
-        for _ in range(repeats):   # interleaved
-            for name, model in (("float", float_model), ("exact", exact), ("fast", fast)):
-                results.setdefault(name, []).extend(_time(lambda: model(x), 1))
-    lat = {k: statistics.median(v) for k, v in results.items()}
-    print(f"inference batch {args.batch}: float eager {lat['float'] * 1e3:.1f} ms,"
-          f" int8 x86 exact {lat['exact'] * 1e3:.1f} ms ({exact.meta['daq_activation_clamps']} clamps),"
-          f" fast {lat['fast'] * 1e3:.1f} ms")
-    print(f"latency ratio vs float eager: exact {lat['exact'] / lat['float']:.2f} (target <= 0.4),"
-          f" fast {lat['fast'] / lat['float']:.2f} (target <= 0.3)")
+        args.compile = daq_core.use_compiled_kernels(True)
+    return run(args.model, args.size, args.batch, steps=args.steps, threads=args.threads, compile=args.compile,
+               latency_repeats=5 if args.quick else 20, num_classes=args.num_classes)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,204 @@
+"""Cost of DAQ against torch's built-in fake-quant, every ratio from ONE run on one machine.
+
+1. **op** — forward+backward of the DAQ fake-quant op ÷ torch's built-in op on the same
+   tensor: activations per tensor (``torch.fake_quantize_per_tensor_affine``) and weights
+   per output channel (``torch.fake_quantize_per_channel_affine``); see
+   ``benchmarks/op_cost.py``. Target ≤ 1.5.
+2. **training** — step time and peak training-step memory of DAQ QAT
+   (``daq_fx.prepare_qat_fx`` + ``daq_fx.get_daq_qat_qconfig_mapping("x86", 4, 4)``) ÷ torch's
+   default QAT ``FakeQuantize`` (the same ``daq_fx.prepare_qat_fx`` with
+   ``get_default_qat_qconfig_mapping("x86")``), for ResNet-20 (CIFAR, 32x32, batch 128) and
+   timm ``mobilenetv2_100`` (224x224, batch 8); see ``benchmarks/fx_cost.py``. Targets ≤ 1.25.
+3. **latency** — the converted int8 model (x86, ``exact=True`` and ``exact=False``) ÷ the
+   float eager model, for both models. Targets (mobilenetv2_100): exact ≤ 0.4, fast ≤ 0.3;
+   ResNet-20's latency is reported without a target.
+
+Full mode compiles the DAQ kernels (``daq_core.use_compiled_kernels(True)``) and writes
+``benchmarks/results/cost.json``; ``--quick`` uses eager kernels, small inputs, few repeats,
+one thread and in-process memory sampling (a smoke run for the test suite, tens of seconds;
+its figures are not meaningful) and writes JSON only with ``--output``.
+
+Timings alternate DAQ and the built-in so that load from other processes hits both alike;
+medians are reported. On a machine shared with other jobs, multi-threaded timings can be
+far off (a descheduled OpenMP thread stalls every parallel op): compare ``--threads 1``.
+
+Usage::
+
+    python -m benchmarks.cost                         # full: minutes, writes benchmarks/results/cost.json
+    python -m benchmarks.cost --quick --output x.json
+    python -m benchmarks.cost --models resnet20_cifar --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from benchmarks import fx_cost, op_cost  # noqa: E402
+
+DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "cost.json"
+MODEL_NAMES = ("resnet20_cifar", "mobilenetv2_100")
+#: quick-mode (smoke) sizes per model
+QUICK_SIZES = {"resnet20_cifar": {"size": 32, "batch": 8}, "mobilenetv2_100": {"size": 64, "batch": 4}}
+#: ratio name -> target (upper bound) or None where the issue sets none
+OP_TARGETS = {"op/activation_per_tensor": 1.5, "op/weight_per_channel": 1.5}
+MODEL_TARGETS = {"train_step": 1.25, "memory": 1.25, "latency_exact": 0.4, "latency_fast": 0.3}
+LATENCY_TARGET_MODELS = ("mobilenetv2_100",)
+
+
+def ratio_keys(models) -> list:
+    """Names of every ratio :func:`main` reports for ``models``."""
+    return list(OP_TARGETS) + [f"{m}/{k}" for m in models for k in MODEL_TARGETS]
+
+
+def target_of(key: str):
+    if key in OP_TARGETS:
+        return OP_TARGETS[key]
+    model, what = key.split("/", 1)
+    if what.startswith("latency") and model not in LATENCY_TARGET_MODELS:
+        return None
+    return MODEL_TARGETS[what]
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.2f} ms" if s < 0.1 else f"{s * 1e3:.0f} ms"
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:.0f} MiB"
+
+
+def _op_rows(name: str, r: dict, builtin: str, compiled: bool) -> list:
+    rows = []
+    if compiled and "ratio_compiled" in r:
+        rows.append((name, f"{name} {tuple(r['shape'])}, compiled", _ms(r["daq_compiled_s"]),
+                     f"{builtin} {_ms(r.get('builtin_s_again', r['builtin_s']))}", r["ratio_compiled"]))
+    if "ratio_eager" in r:
+        rows.append((None if compiled and "ratio_compiled" in r else name,
+                     f"{name} {tuple(r['shape'])}, eager", _ms(r["daq_eager_s"]),
+                     f"{builtin} {_ms(r['builtin_s'])}", r["ratio_eager"]))
+    return rows
+
+
+def _print_table(rows: list, ratios: dict) -> None:
+    header = ("measure", "DAQ", "baseline", "ratio", "target", "")
+    lines = []
+    for key, label, daq, base, ratio in rows:
+        target = target_of(key) if key else None
+        verdict = "" if target is None else ("ok" if ratio <= target else "MISSED")
+        lines.append((label, daq, base, f"{ratio:.2f}", "-" if target is None else f"<= {target}", verdict))
+    widths = [max(len(str(r[i])) for r in [header, *lines]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    print(fmt.format(*header))
+    print("  ".join("-" * w for w in widths))
+    for line in lines:
+        print(fmt.format(*line).rstrip())
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: small inputs, eager kernels, few repeats")
+    p.add_argument("--output", type=Path, default=None,
+                   help=f"JSON results (default in full mode: {DEFAULT_OUTPUT.relative_to(REPO)}; quick: none)")
+    p.add_argument("--models", default=",".join(MODEL_NAMES), help="comma-separated (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default 2; --quick: 1)")
+    p.add_argument("--steps", type=int, default=None, help="timed training steps per flavour (default 7; quick 2)")
+    p.add_argument("--repeats", type=int, default=None, help="op / latency repeats (default 20; quick 3)")
+    args = p.parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    threads = args.threads or (1 if args.quick else 2)
+    steps = args.steps or (2 if args.quick else 7)
+    repeats = args.repeats or (3 if args.quick else 20)
+    output = args.output or (None if args.quick else DEFAULT_OUTPUT)
+
+    import timm
+
+    import daq_core
+
+    t_start = time.perf_counter()
+    torch.set_num_threads(threads)
+    torch.backends.quantized.engine = "x86"
+    compiled = False if args.quick else daq_core.use_compiled_kernels(True)
+    kernels = "compiled" if compiled else "eager"
+    mode = "quick" if args.quick else "full"
+    print(f"DAQ cost vs torch built-in fake-quant ({mode} mode): torch {torch.__version__},"
+          f" timm {timm.__version__}, {threads} thread(s), DAQ kernels {kernels}, {platform.processor() or 'cpu'}")
+
+    # 1. the op --------------------------------------------------------------------------------
+    op_kernels = "both" if compiled else "eager"
+    act = op_cost.activation_op_cost(op_cost.ACTIVATION_SHAPE_QUICK if args.quick else op_cost.ACTIVATION_SHAPE,
+                                     4, repeats, op_kernels)
+    weight = op_cost.weight_op_cost(op_cost.WEIGHT_SHAPE_QUICK if args.quick else op_cost.WEIGHT_SHAPE,
+                                    4, repeats, op_kernels)
+    daq_core.use_compiled_kernels(compiled)
+    main_ratio = "ratio_compiled" if compiled else "ratio_eager"
+    ratios = {"op/activation_per_tensor": act[main_ratio], "op/weight_per_channel": weight[main_ratio]}
+    rows = _op_rows("op/activation_per_tensor", act, "per_tensor_affine", compiled)
+    rows += _op_rows("op/weight_per_channel", weight, "per_channel_affine", compiled)
+    print(f"op: activation {ratios['op/activation_per_tensor']:.2f}x, weight"
+          f" {ratios['op/weight_per_channel']:.2f}x built-in ({kernels} kernels)", flush=True)
+
+    # 2./3. training step, memory, converted latency per model -------------------------------
+    model_results = {}
+    for name in models:
+        spec = dict(fx_cost.MODELS.get(name, {"size": 224, "batch": 8}))
+        if args.quick:
+            spec.update(QUICK_SIZES.get(name, {"size": 64, "batch": 4}))
+        t0 = time.perf_counter()
+        r = fx_cost.run(name, spec["size"], spec["batch"], steps=steps, threads=threads, compile=compiled,
+                        latency_repeats=repeats, num_classes=spec.get("num_classes"),
+                        memory_subprocess=not args.quick, log=lambda line: print("  " + line, flush=True))
+        r["wall_s"] = time.perf_counter() - t0
+        model_results[name] = r
+        st, mem, lat = r["train_step"], r["memory"], r["latency"]
+        ratios.update({f"{name}/train_step": st["ratio"], f"{name}/memory": mem["ratio"],
+                       f"{name}/latency_exact": lat["ratio_exact"], f"{name}/latency_fast": lat["ratio_fast"]})
+        shape = f"{spec['size']}x{spec['size']} b{spec['batch']}"
+        rows += [(f"{name}/train_step", f"{name} train step ({shape})", _ms(st["daq_s"]),
+                  f"default QAT {_ms(st['default_s'])}", st["ratio"]),
+                 (f"{name}/memory", f"{name} peak train memory", _mib(mem["daq_bytes"]),
+                  f"default QAT {_mib(mem['default_bytes'])}", mem["ratio"]),
+                 (f"{name}/latency_exact", f"{name} int8 x86 exact", _ms(lat["exact_s"]),
+                  f"float eager {_ms(lat['float_s'])}", lat["ratio_exact"]),
+                 (f"{name}/latency_fast", f"{name} int8 x86 fast", _ms(lat["fast_s"]),
+                  f"float eager {_ms(lat['float_s'])}", lat["ratio_fast"])]
+
+    wall = time.perf_counter() - t_start
+    print()
+    _print_table(rows, ratios)
+    targets = {k: target_of(k) for k in ratios}
+    missed = [k for k, t in targets.items() if t is not None and not ratios[k] <= t]
+    print(f"\n{len(targets) - len(missed) - sum(t is None for t in targets.values())} of"
+          f" {sum(t is not None for t in targets.values())} targets met"
+          + (f"; missed: {', '.join(missed)}" if missed else "") + f"; wall time {wall:.0f} s")
+    if args.quick:
+        print("(quick mode: smoke sizes and eager kernels; the ratios are not the benchmark's figures)")
+
+    results = {
+        "mode": "quick" if args.quick else "full", "threads": threads, "daq_kernels": kernels,
+        "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
+        "machine": platform.machine(), "wall_s": wall,
+        "ratios": ratios, "targets": targets,
+        "meets_target": {k: (None if t is None else bool(ratios[k] <= t)) for k, t in targets.items()},
+        "op": {"activation_per_tensor": act, "weight_per_channel": weight},
+        "models": model_results,
+    }
+    if output is not None:
+        output = Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {output}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
