@@ -100,6 +100,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="smoke mode: random-init model, tiny subsets, a few steps per row (for the test suite)")
     p.add_argument("--keep-runs", action="store_true", help="keep each row's recipe output (checkpoints, models)")
+    p.add_argument("--table-only", action="store_true",
+                   help="run nothing: rebuild accuracy.json/.md from the rows already in --output (e.g. after"
+                        " several runs with disjoint --methods in parallel)")
     return p.parse_args(argv)
 
 
@@ -219,16 +222,18 @@ def _f(v, signed=False):
     return f"{v:+.2f}" if signed else f"{v:.2f}"
 
 
-def table(rows: List[Dict], args) -> str:
+def table(rows: List[Dict], args, planned=()) -> str:
     float_acc = next((r["float_acc"] for r in rows if r.get("float_acc") is not None), None)
-    bits_order = [b for b in FULL_BITS if any(r["bits"] == b for r in rows)] + sorted(
-        {r["bits"] for r in rows} - set(FULL_BITS))
+    all_bits = {r["bits"] for r in rows} | {b for _, b in planned}
+    bits_order = [b for b in FULL_BITS if b in all_bits] + sorted(all_bits - set(FULL_BITS))
     lines = ["| bits | method | QAT top-1 (%) | Δ vs float | int8 model top-1 (%) | int = QAT predictions (%) |",
              "|---|---|---|---|---|---|"]
     for b in bits_order:
         for m in METHODS:
             r = next((x for x in rows if x["bits"] == b and x["method"] == m), None)
             if r is None:
+                if (m, b) in planned:
+                    lines.append(f"| {b} | {DESCRIPTIONS[m]} | not run yet | | | |")
                 continue
             if r.get("rc") != 0:
                 lines.append(f"| {b} | {DESCRIPTIONS[m]} | failed (see {m}-{b}.log) | | | |")
@@ -255,9 +260,14 @@ def main(argv=None) -> int:
         import daq_core
         daq_core.use_compiled_kernels(True)
     t0 = time.time()
-    float_model = make_float_model(args, out)
-    rows = []
     todo = plan(methods, bits)
+    rows = []
+    if args.table_only:
+        rows = [json.loads((out / f"{m}-{b}.json").read_text()) for m, b in todo if (out / f"{m}-{b}.json").is_file()]
+        todo = []
+        float_model = args.float_model or out / "float_model.pt"
+    else:
+        float_model = make_float_model(args, out)
     for i, (m, b) in enumerate(todo, 1):
         row = run_row(args, m, b, float_model, out)
         rows.append(row)
@@ -268,7 +278,7 @@ def main(argv=None) -> int:
                "float_epochs": args.float_epochs, "quick": args.quick, "wall_s": round(time.time() - t0, 1),
                "command": "python -m benchmarks.accuracy " + " ".join(sys.argv[1:] if argv is None else argv)}
     (out / "accuracy.json").write_text(json.dumps(summary, indent=2) + "\n")
-    md = table(rows, args)
+    md = table(rows, args, plan(methods, bits))
     (out / "accuracy.md").write_text(md)
     print(md)
     return 0 if all(r.get("rc") == 0 for r in rows) else 1

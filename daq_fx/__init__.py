@@ -27,6 +27,7 @@ from .prepare import (
     prepare_qat_fx,
     prepare_timm_model,
     weight_fold_factor,
+    widen_intermediate_activations,
 )
 from .qconfig import (
     BACKENDS,

@@ -10,9 +10,11 @@ Before tracing (INTEGRATION-NOTES, "timm under FX"):
 * BatchNorm with a zero ``γ`` (timm's ``zero_init_last``) or without running statistics
   is rejected with a message naming the module.
 
-After tracing: dropout shares its input's qparams (see :func:`get_daq_backend_config`) and
+After tracing: dropout shares its input's qparams (see :func:`get_daq_backend_config`),
 every DAQ weight quantizer is initialised from its (BN-folded) weight, so that per-channel
-parameters have their final shapes and an optimizer can be built right away.
+parameters have their final shapes and an optimizer can be built right away, and activation
+quantizers get their first-batch grid moved off the input's value lattice
+(:func:`initialize_activations_off_lattice`), so that QAT and int8 requantisation agree.
 """
 
 from __future__ import annotations
@@ -21,18 +23,21 @@ import copy
 import sys
 import traceback
 from collections import OrderedDict
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.ao.quantization import QConfigMapping
+from torch.ao.quantization import FakeQuantizeBase, QConfigMapping
 from torch.ao.quantization import quantize_fx as _quantize_fx
 
-from .fake_quantize import AveragedActivation, DAQFakeQuantize
+from daq_core import check_bits
+
+from .fake_quantize import ACTIVATION, AveragedActivation, DAQFakeQuantize
 from .n2uq import N2UQFakeQuantize
 from .qconfig import get_daq_backend_config
 
 __all__ = ["prepare_qat_fx", "prepare_timm_model", "check_batchnorm", "initialize_weight_quantizers",
+           "initialize_activations_off_lattice", "OFF_LATTICE_FACTOR",
            "weight_fold_factor", "DAQPrepareError"]
 
 
@@ -228,6 +233,68 @@ def _apply_relu6_caps(prepared: torch.fx.GraphModule, anchors: Dict[str, float])
     return count
 
 
+def _feeds_quantized_layer(node: torch.fx.Node, modules, seen=None) -> bool:
+    """Whether ``node``'s value reaches the input of a layer with a weight fake-quant before
+    being requantized (paths through qparam-sharing ops: pooling, padding, reshapes, ReLU ...)."""
+    seen = set() if seen is None else seen
+    for user in node.users:
+        if user in seen:
+            continue
+        seen.add(user)
+        if user.op == "output":
+            continue
+        if user.op == "call_module":
+            module = modules.get(user.target)
+            if isinstance(module, FakeQuantizeBase):
+                continue                        # requantized here: this path ends
+            if hasattr(module, "weight_fake_quant"):
+                return True
+        if _feeds_quantized_layer(user, modules, seen):
+            return True
+    return False
+
+
+def widen_intermediate_activations(prepared: torch.fx.GraphModule, bits: int) -> List[str]:
+    """Give ``bits``-bit DAQ quantizers to activations that are not the input of a quantized layer.
+
+    DAQ (like the paper's code) quantizes the *inputs of conv/linear layers*; an integer backend
+    also needs quantized tensors where the paper stays in float — a residual ``add``'s operands
+    (e.g. a BN output before the add, a shortcut), the inputs of float layers, the network output.
+    torch.ao's FX prepare gives those the same qconfig, i.e. the same low bit-width, so a W2A2
+    ResNet's residual branch outputs get 4 *signed* levels. This pass replaces every activation
+    :class:`DAQFakeQuantize` whose value reaches no quantized layer before being requantized by one
+    with ``max(bits, its bits)`` bits and otherwise the same settings; conv/linear inputs keep
+    theirs. Exact conversion is unchanged (clamps are inserted where grids differ). Called by
+    :func:`prepare_qat_fx` when the mapping was made with ``intermediate_act_bits``.
+
+    Returns:
+        The names of the replaced quantizers.
+    """
+    bits = check_bits(bits, "intermediate_act_bits")
+    modules = {node.target: prepared.get_submodule(node.target)
+               for node in prepared.graph.nodes if node.op == "call_module"}
+    nodes_of: Dict[int, List[torch.fx.Node]] = {}
+    for node in prepared.graph.nodes:
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(module, DAQFakeQuantize) and not module.is_weight:
+            nodes_of.setdefault(id(module), []).append(node)
+    replaced = []
+    for nodes in nodes_of.values():
+        old = modules[nodes[0].target]
+        if old.bits >= bits or any(_feeds_quantized_layer(n, modules) for n in nodes):
+            continue
+        signed = {-1: None, 0: False, 1: True}[int(old.signed.item())]
+        new = DAQFakeQuantize(role=ACTIVATION, bits=bits, signed=signed, gamma=old.gamma, sigma=old.sigma,
+                              num_std=old.num_std, init=old.init, rounding=old.rounding, beta=old.beta,
+                              factory_kwargs={"device": old.lower_bound.device})
+        new.train(old.training)
+        for name in {n.target for n in nodes}:
+            parent, _, attr = name.rpartition(".")
+            setattr(prepared.get_submodule(parent) if parent else prepared, attr, new)
+            replaced.append(name)
+    return sorted(replaced)
+
+
 _AVERAGING_METHODS = {"mean"}
 _AVERAGING_FUNCTIONS = {torch.mean, torch.nn.functional.adaptive_avg_pool2d, torch._C._nn.adaptive_avg_pool2d,
                         torch.nn.functional.adaptive_avg_pool1d, torch.adaptive_avg_pool1d}
@@ -242,6 +309,53 @@ def _is_averaging(node: torch.fx.Node, modules) -> bool:
     if node.op == "call_module":
         return isinstance(modules.get(node.target), _AVERAGING_MODULES)
     return False
+
+
+#: Factor applied to an activation quantizer's first-batch bounds (see :func:`initialize_activations_off_lattice`):
+#: close to 1 (changes the bounds by 7e-5) and not a ratio of small integers.
+OFF_LATTICE_FACTOR = 1.0 - 7.1e-5
+
+
+@torch.no_grad()
+def _initialize_off_lattice(module: DAQFakeQuantize, args) -> None:
+    """Forward pre-hook: the first-batch initialisation, then both bounds times ``OFF_LATTICE_FACTOR``."""
+    if module.initialized[0] == 0 and module.observer_enabled[0] == 1 and args and isinstance(args[0], torch.Tensor):
+        module.initialize(args[0])
+        module.lower_bound.mul_(OFF_LATTICE_FACTOR)     # 0 (unsigned) stays 0; the zero point is unchanged
+        module.upper_bound.mul_(OFF_LATTICE_FACTOR)
+
+
+def initialize_activations_off_lattice(model: nn.Module) -> int:
+    """Make every DAQ activation quantizer's first-batch grid step incommensurate with its input.
+
+    The input of a quantizer after ``add``, ``mul`` (squeeze-excite gates), ``hardswish`` ... lies
+    on a lattice: sums and products of the integer codes of the input grids. The first-batch
+    initialisation picks bounds at (fractions of) the batch's min and max, i.e. lattice points,
+    so the new step is a ratio of small integers of the input steps and a large share of the
+    outputs lies *exactly* on a rounding tie (seen: 1-3 % of an SE multiply's or a residual add's
+    outputs). The QAT model rounds its float ``(x - l) / Δ`` and the int8 kernel its own float
+    requantisation (``acc · multiplier``, ``x · (1/Δ)``): each breaks an exact tie by its own
+    rounding error, differently on about half of them, and a few learning steps (bounds move by
+    ~1e-7 relative) do not move the grid off the lattice. Scaling both bounds by
+    ``OFF_LATTICE_FACTOR`` right after initialisation moves every exact tie ``(m + ½)`` by
+    ``(m + ½)·7e-5``, far above float error (~1e-6), leaving only the rare generic near-ties.
+
+    Installs a forward pre-hook on every activation :class:`DAQFakeQuantize` that is not yet
+    initialised (``daq_fx.prepare_qat_fx`` does this; other flows can call it on their prepared
+    model). Quantizers loaded from a state_dict are initialised already: the hook does nothing.
+
+    Returns:
+        The number of quantizers hooked.
+    """
+    count = 0
+    seen = set()
+    for module in model.modules():
+        if isinstance(module, DAQFakeQuantize) and not module.is_weight and id(module) not in seen:
+            seen.add(id(module))
+            if module.initialized[0] == 0:
+                module.register_forward_pre_hook(_initialize_off_lattice)
+                count += 1
+    return count
 
 
 def _wrap_averages(prepared: torch.fx.GraphModule) -> int:
@@ -351,8 +465,12 @@ def prepare_qat_fx(model: nn.Module, qconfig_mapping: QConfigMapping | Dict[str,
             raise
         raise explained.with_traceback(None) from error
     initialize_weight_quantizers(prepared)
+    intermediate_bits = getattr(qconfig_mapping, "daq_intermediate_act_bits", None)
+    prepared.meta["daq_intermediate_activations"] = (
+        widen_intermediate_activations(prepared, intermediate_bits) if intermediate_bits else [])
     _apply_relu6_caps(prepared, anchors)
     _wrap_averages(prepared)
+    initialize_activations_off_lattice(prepared)
     prepared.meta["daq_backend"] = backend
     prepared.meta["daq_backend_config"] = backend_config
     prepared.meta["daq_example_inputs"] = tuple(x.detach().clone() if isinstance(x, torch.Tensor) else x

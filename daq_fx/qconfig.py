@@ -89,7 +89,8 @@ def get_daq_qat_qconfig_mapping(backend: str = "x86", weight_bits: int = 4, act_
                                 float_module_types: Iterable[type] = (), gamma: float = DEFAULT_GAMMA,
                                 weight_sigma: Optional[float] = None, act_sigma: Optional[float] = None,
                                 init: str = "mse", rounding: str = "dasr",
-                                beta: Optional[float] = None) -> QConfigMapping:
+                                beta: Optional[float] = None,
+                                intermediate_act_bits: Optional[int] = None) -> QConfigMapping:
     """torch's default QAT ``QConfigMapping`` for ``backend`` with DAQ as the global qconfig.
 
     The default is *fully quantized* (every conv/linear and activation, as the paper does for
@@ -99,6 +100,13 @@ def get_daq_qat_qconfig_mapping(backend: str = "x86", weight_bits: int = 4, act_
 
     Transposed convolutions get DAQ per-tensor weights (their output channels are on axis 1).
     ``rounding``/``beta`` select the paper's ablations (see :func:`get_daq_qconfig`).
+
+    ``intermediate_act_bits`` (e.g. 8): activations that are *not* the input of a quantized
+    conv/linear — residual-add operands, float layers' inputs — get that many bits instead of
+    ``act_bits`` (:func:`daq_fx.prepare_qat_fx` applies it, see
+    :func:`daq_fx.widen_intermediate_activations`). The paper quantizes layer inputs only and keeps
+    residual adds in float; an int backend needs them quantized, and at 2 bits the default (all
+    activations at ``act_bits``) leaves a residual branch 4 signed levels.
 
     Example:
         >>> import timm
@@ -125,6 +133,9 @@ def get_daq_qat_qconfig_mapping(backend: str = "x86", weight_bits: int = 4, act_
             raise TypeError(f"float_module_types must hold module classes, got {module_type!r}")
         mapping.set_object_type(module_type, None)
     mapping.daq_backend = backend   # read by daq_fx.prepare_qat_fx / convert_fx
+    if intermediate_act_bits is not None:
+        check_bits(intermediate_act_bits, "intermediate_act_bits")
+    mapping.daq_intermediate_act_bits = intermediate_act_bits   # read by daq_fx.prepare_qat_fx
     return mapping
 
 

@@ -72,6 +72,8 @@ def _daq_fx_qconfig_mapping(spec: "QuantSpec"):
                                                    act_bits=8 if spec.act_bits >= 32 else spec.act_bits)
     if spec.rounding != "dasr":
         kwargs.update(rounding=spec.rounding, beta=spec.beta)
+    if spec.intermediate_act_bits:
+        kwargs.update(intermediate_act_bits=spec.intermediate_act_bits)
     return daq_fx.get_daq_qat_qconfig_mapping(backend=spec.backend, weight_bits=spec.weight_bits,
                                               act_bits=8 if spec.act_bits >= 32 else spec.act_bits, **kwargs)
 
@@ -101,6 +103,7 @@ class QuantSpec:
     rounding: str = "dasr"
     beta: Optional[float] = None
     quantizer: str = "daq"
+    intermediate_act_bits: Optional[int] = None
     extra: Dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -113,6 +116,8 @@ class QuantSpec:
                              f" {self.framework!r} (a baseline with its own quantizer)")
         if self.quantizer != "daq" and self.rounding != "dasr":
             raise QuantError("--rounding selects DAQ's ablations; it does not apply to --quantizer n2uq")
+        if self.intermediate_act_bits and (self.framework != "fx" or self.quantizer != "daq"):
+            raise QuantError("--intermediate-act-bits is wired for --framework fx with the DAQ quantizer only")
         if self.rounding not in ROUNDINGS:
             raise QuantError(f"unknown --rounding {self.rounding!r}: choose one of {', '.join(ROUNDINGS)}")
         if self.rounding != "dasr" and self.framework != "fx":

@@ -94,6 +94,9 @@ def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
     g.add_argument("--calibrate-scales", action=argparse.BooleanOptionalAction, default=True,
                    help="fx DAQ: fit the weight quantizers' output scales and the layer biases to the calibration"
                         " batch after initialisation (DAQ-SPEC §5, daq_fx.calibrate_output_scales)")
+    g.add_argument("--intermediate-act-bits", type=int, default=None,
+                   help="fx DAQ: bits for activations that are not a quantized layer's input (residual-add"
+                        " operands, float layers' inputs), e.g. 8; default: the --bits activation width")
     g.add_argument("--quantizer", default="daq", choices=quant_mod.QUANTIZERS,
                    help="quantizer family inside --framework fx/brevitas: daq, or n2uq (learned non-uniform"
                         " thresholds; QAT accuracy only, no int conversion)")
@@ -364,7 +367,7 @@ class Pipeline:
         return {"recipe": self.recipe, "model": a.model, "framework": a.framework, "weight_bits": a.bits[0],
                 "act_bits": a.bits[1], "num_classes": self.data.num_classes, "img_size": a.img_size,
                 "float_layers": list(self.float_layers), "quantizer": a.quantizer, "rounding": a.rounding,
-                "beta": a.beta,
+                "beta": a.beta, "intermediate_act_bits": a.intermediate_act_bits,
                 "version": CHECKPOINT_VERSION}
 
     def log(self, msg: str):
@@ -473,8 +476,9 @@ class Pipeline:
                               f" --initial-checkpoint)")
         theirs, ours = ckpt["daq_recipe"], self.meta()
         for key in ("model", "framework", "weight_bits", "act_bits", "num_classes", "img_size", "float_layers",
-                    "quantizer", "rounding", "beta"):
-            if theirs.get(key, ours[key] if key in ("quantizer", "rounding", "beta") else None) != ours.get(key):
+                    "quantizer", "rounding", "beta", "intermediate_act_bits"):
+            if theirs.get(key, ours[key] if key in ("quantizer", "rounding", "beta", "intermediate_act_bits")
+                          else None) != ours.get(key):
                 raise RecipeError(f"--resume: checkpoint {path} is for {key}={theirs.get(key)!r} but this run has"
                                   f" {key}={ours.get(key)!r} (checkpoint: {theirs['model']} W{theirs['weight_bits']}"
                                   f"A{theirs['act_bits']} {theirs['framework']}); use a fresh --output or the same"
@@ -626,7 +630,7 @@ class Pipeline:
         w, ab = a.bits
         try:
             self.spec = quant_mod.QuantSpec(a.framework, w, ab, self.float_layers, rounding=a.rounding, beta=a.beta,
-                                            quantizer=a.quantizer)
+                                            quantizer=a.quantizer, intermediate_act_bits=a.intermediate_act_bits)
         except quant_mod.QuantError as e:
             raise RecipeError(str(e)) from e
         ckpt = self.load_resume()
@@ -779,6 +783,7 @@ def write_report(p: Pipeline) -> Dict:
         "recipe": p.recipe, "command": " ".join(shlex.quote(x) for x in sys.argv),
         "model": a.model, "framework": a.framework, "bits": f"W{w}A{ab}", "float_layers": list(p.float_layers),
         "quantizer": a.quantizer, "rounding": a.rounding, "beta": a.beta,
+        "intermediate_act_bits": a.intermediate_act_bits,
         "data": p.data.description, "train_images": len(p.float_train_set), "qat_train_images": len(p.qat_train_set), "val_images": len(p.val_set),
         "img_size": a.img_size, "float_epochs": a.float_epochs, "qat_epochs": a.epochs, "batch_size": a.batch_size,
         "lr": a.lr, "quant_lr": a.quant_lr, "weight_decay": a.weight_decay, "distill": a.distill,
