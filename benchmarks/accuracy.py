@@ -6,7 +6,10 @@ Adam on the quantizer parameters, cosine, knowledge distillation from the float 
 at its float statistics — and only the quantizer differs:
 
 ==================  ====================================================================
-``daq-fx``          DAQ through ``daq_fx`` (torch.ao FX), converted to an x86 int8 model
+``daq-fx``          DAQ through ``daq_fx`` (torch.ao FX), converted to an x86 int8 model; every
+                    activation the int model quantizes (residual-add operands too) at A bits
+``daq-fx-res8``     the same with ``--intermediate-act-bits 8``: conv/linear inputs at A bits (the
+                    paper's quantization points), residual-add operands at 8 bits
 ``daq-brevitas``    DAQ through ``daq_brevitas`` (BN unfolded, residual adds float)
 ``torchao-ste``     torch.ao's default QAT ``FakeQuantize`` (min/max observers, STE)
 ``lsq``             torch.ao's ``_LearnableFakeQuantize`` (LSQ), LSQ-paper initialisation
@@ -50,6 +53,7 @@ SHARED_CHECKPOINT = REPO.parent / "shared" / "data" / "resnet20-cifar10-12fca82f
 #: method -> recipe flags (everything else is the common budget)
 METHODS: Dict[str, List[str]] = {
     "daq-fx": ["--framework", "fx"],
+    "daq-fx-res8": ["--framework", "fx", "--intermediate-act-bits", "8"],
     "daq-brevitas": ["--framework", "brevitas"],
     "torchao-ste": ["--framework", "stock"],
     "lsq": ["--framework", "lsq"],
@@ -61,6 +65,7 @@ METHODS: Dict[str, List[str]] = {
 }
 DESCRIPTIONS = {
     "daq-fx": "DAQ (daq_fx, torch.ao FX → x86 int8)",
+    "daq-fx-res8": "DAQ (daq_fx) with 8-bit residual-add operands",
     "daq-brevitas": "DAQ (daq_brevitas, BN unfolded)",
     "torchao-ste": "torch.ao default QAT (FakeQuantize, min/max, STE)",
     "lsq": "LSQ (torch.ao _LearnableFakeQuantize)",
@@ -74,7 +79,7 @@ DESCRIPTIONS = {
 ONLY_2BIT_UP = ("torchao-ste", "lsq", "brevitas-ste")
 FULL_BITS = ("W4A4", "W2A2", "W1A32", "W1A1")
 #: methods run at every bit-width of FULL_BITS; the rest at W4A4 and W2A2 (the table's floor)
-LOW_BIT_METHODS = ("daq-fx",)
+LOW_BIT_METHODS = ("daq-fx", "daq-fx-res8")
 
 #: the common QAT budget and recipe (DAQ-SPEC §6 learning rates, tuned quantizer lr, KD, frozen BN)
 COMMON = ["--batch-size", "128", "--lr", "0.01", "--quant-lr", "1e-3", "--freeze-bn", "--distill",
