@@ -75,6 +75,13 @@ def _relu_from_relu6(relu6: nn.ReLU6) -> nn.ReLU:
     return relu
 
 
+class TracedIdentity(nn.Module):
+    """``nn.Identity`` that torch.fx traces through (not a ``torch.nn`` leaf): no node in the graph."""
+
+    def forward(self, x, *args, **kwargs):
+        return x
+
+
 def prepare_timm_model(model: nn.Module, relu6_to_relu: bool = True) -> nn.Module:
     """Rewrite (in place) what torch.ao FX cannot quantize correctly in timm models.
 
@@ -82,6 +89,11 @@ def prepare_timm_model(model: nn.Module, relu6_to_relu: bool = True) -> nn.Modul
     * ``ReLU6`` → ``ReLU`` when ``relu6_to_relu`` (Conv-BN-ReLU fuses; unsigned quantizer).
       ``daq_fx.prepare_qat_fx`` caps the upper bound of the quantizer after it at 6, so the
       quantized model still clips at 6 (the float model without quantizers clips only at ``u``).
+    * ``nn.Identity`` placeholders (timm ``BasicBlock.drop_block`` / ``aa``, disabled drop-path)
+      → a module FX traces *through*, so they vanish from the graph. FX keeps ``nn.Identity`` as a
+      call between ``bn1`` and ``act1`` of every timm ResNet block, which stops Conv-BN-ReLU from
+      fusing: the pre-ReLU BN output then gets a *signed* quantizer (half its levels wasted after
+      the ReLU) and the block differs from torch.export/pt2e's graph, where the Identity is gone.
 
     Returns the same model object.
     """
@@ -101,6 +113,8 @@ def prepare_timm_model(model: nn.Module, relu6_to_relu: bool = True) -> nn.Modul
                 replacement = nn.Sequential(parts)
             elif relu6_to_relu and type(child) is nn.ReLU6:
                 replacement = _relu_from_relu6(child)
+            elif type(child) is nn.Identity:
+                replacement = TracedIdentity()
             if replacement is not None:
                 setattr(parent, child_name, replacement)
     return model
