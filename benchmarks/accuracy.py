@@ -52,15 +52,15 @@ SHARED_CHECKPOINT = REPO.parent / "shared" / "data" / "resnet20-cifar10-12fca82f
 
 #: method -> recipe flags (everything else is the common budget)
 METHODS: Dict[str, List[str]] = {
-    "daq-fx": ["--framework", "fx"],
+    "daq-fx": ["--framework", "fx", "--intermediate-act-bits", "0"],
     "daq-fx-res8": ["--framework", "fx", "--intermediate-act-bits", "8"],
     "daq-brevitas": ["--framework", "brevitas"],
     "torchao-ste": ["--framework", "stock"],
     "lsq": ["--framework", "lsq"],
     "brevitas-ste": ["--framework", "brevitas-stock"],
-    "daq-soft-b4": ["--framework", "fx", "--rounding", "soft", "--beta", "4"],
-    "daq-soft-b24": ["--framework", "fx", "--rounding", "soft", "--beta", "24"],
-    "daq-ste": ["--framework", "fx", "--rounding", "ste"],
+    "daq-soft-b4": ["--framework", "fx", "--rounding", "soft", "--beta", "4", "--intermediate-act-bits", "0"],
+    "daq-soft-b24": ["--framework", "fx", "--rounding", "soft", "--beta", "24", "--intermediate-act-bits", "0"],
+    "daq-ste": ["--framework", "fx", "--rounding", "ste", "--intermediate-act-bits", "0"],
     "n2uq-fx": ["--framework", "fx", "--quantizer", "n2uq"],
 }
 DESCRIPTIONS = {

@@ -18,7 +18,8 @@ from .models import RESNET20_FLOAT_LAYERS
 from .train import main as _main
 
 DEFAULTS = dict(model="resnet20_cifar", data="cifar10", framework="fx", bits=(4, 4), epochs=400, float_epochs=0,
-                batch_size=256, lr=1e-2, float_lr=1e-2, weight_decay=None, quant_lr=1e-4, img_size=32)
+                batch_size=256, lr=1e-2, float_lr=1e-2, weight_decay=None, quant_lr=1e-4, img_size=32,
+                intermediate_act_bits=8)   # the paper quantizes conv inputs; residual adds: 8 bits (0: A bits)
 
 
 def main(argv=None) -> int:

@@ -96,7 +96,7 @@ def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
                         " batch after initialisation (DAQ-SPEC §5, daq_fx.calibrate_output_scales)")
     g.add_argument("--intermediate-act-bits", type=int, default=None,
                    help="fx DAQ: bits for activations that are not a quantized layer's input (residual-add"
-                        " operands, float layers' inputs), e.g. 8; default: the --bits activation width")
+                        " operands, float layers' inputs), e.g. 8; 0: the --bits activation width")
     g.add_argument("--quantizer", default="daq", choices=quant_mod.QUANTIZERS,
                    help="quantizer family inside --framework fx/brevitas: daq, or n2uq (learned non-uniform"
                         " thresholds; QAT accuracy only, no int conversion)")
@@ -629,6 +629,11 @@ class Pipeline:
         self.setup()
         w, ab = a.bits
         try:
+            if a.intermediate_act_bits and (a.framework != "fx" or a.quantizer != "daq"):
+                self.log(f"note: --intermediate-act-bits applies to --framework fx with DAQ only; {a.framework}"
+                         f" {a.quantizer} quantizes every activation at A{ab}")
+                a.intermediate_act_bits = None
+            a.intermediate_act_bits = a.intermediate_act_bits or None     # 0: the --bits activation width
             self.spec = quant_mod.QuantSpec(a.framework, w, ab, self.float_layers, rounding=a.rounding, beta=a.beta,
                                             quantizer=a.quantizer, intermediate_act_bits=a.intermediate_act_bits)
         except quant_mod.QuantError as e:
