@@ -191,6 +191,8 @@ def run_row(args, method: str, bits: str, float_model: Path, out: Path) -> Dict:
             "--initial-checkpoint", str(float_model), "--output", str(run_dir)] + common_args(args) + METHODS[method]
     t = time.time()
     rc = run_recipe(argv, out / f"{method}-{bits}.log")
+    if rc == 130:   # Ctrl-C / SIGTERM inside the row: stop here, record nothing (rerun resumes this row)
+        raise SystemExit(f"interrupted during {method} {bits}; rerun the same command to continue")
     row = {"method": method, "description": DESCRIPTIONS[method], "bits": bits, "rc": rc,
            "wall_s": round(time.time() - t, 1), "epochs": args.epochs, "quick": args.quick,
            "recipe_args": argv}
