@@ -82,6 +82,37 @@ def bake_daq_weights(model: nn.Module) -> List[str]:
         fq.disable_fake_quant()
         fq.disable_observer()
         baked.append(name)
+    if isinstance(model, fx.GraphModule):
+        baked += _bake_functional_weights(model)
+    return baked
+
+
+def _bake_functional_weights(model: fx.GraphModule) -> List[str]:
+    """Bake weights that reach a functional ``F.linear`` / ``F.conv*`` through a weight quantizer node.
+
+    Modules that torch.ao does not swap for QAT modules are traced through (e.g. timm's
+    ``timm.layers.Linear``, the classifier of MobileNetV3): their weight is a ``get_attr`` node
+    followed by the weight fake-quant as an ``activation_post_process``. Lowering quantizes that
+    float weight with ``round(W / scale)`` just like module weights, so it is baked the same way
+    (no BN fold: torch.ao does not fuse functional ops with BN).
+    """
+    baked = []
+    for node in model.graph.nodes:
+        if node.op != "call_module" or not node.args:
+            continue
+        fq = model.get_submodule(node.target)
+        source = node.args[0]
+        if not isinstance(fq, (DAQFakeQuantize, N2UQFakeQuantize)) or not fq.is_weight \
+                or fq.fake_quant_enabled[0] == 0 or not isinstance(source, fx.Node) or source.op != "get_attr":
+            continue
+        owner, _, attr = source.target.rpartition(".")
+        weight = getattr(model.get_submodule(owner) if owner else model, attr)
+        if fq.initialized[0] == 0:
+            fq.initialize(weight)
+        weight.copy_(bake_weight(fq, weight))
+        fq.disable_fake_quant()
+        fq.disable_observer()
+        baked.append(source.target)
     return baked
 
 

@@ -52,3 +52,37 @@ def agreement(a: torch.Tensor, b: torch.Tensor):
     top1 = (a.argmax(1) == b.argmax(1)).float().mean().item()
     cos = torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), 0).item()
     return top1, cos
+
+
+class TracedLinear(nn.Linear):
+    """A ``Linear`` defined outside ``torch.nn`` (like ``timm.layers.Linear``): FX traces through it,
+    so the weight reaches ``F.linear`` as a ``get_attr`` node with its own weight quantizer."""
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class TinySE(nn.Module):
+    """Conv-BN-ReLU, squeeze-excite (mean, 1x1 convs, sigmoid gate, multiply), a residual add and a
+    classifier that FX traces into ``F.linear`` (timm's MobileNetV3 / EfficientNet / RegNetY pattern)."""
+
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU()
+        self.conv_reduce = nn.Conv2d(16, 8, 1)
+        self.se_act = nn.ReLU()
+        self.conv_expand = nn.Conv2d(8, 16, 1)
+        self.gate = nn.Sigmoid()
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = TracedLinear(16, num_classes)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        gate = self.gate(self.conv_expand(self.se_act(self.conv_reduce(x.mean((2, 3), keepdim=True)))))
+        x = x * gate
+        x = x + self.bn2(self.conv2(x))
+        return self.fc(self.pool(x).flatten(1))
