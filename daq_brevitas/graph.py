@@ -70,9 +70,13 @@ def daq_layer_maps(weight_bit_width: int = 4, act_bit_width: int = 4, per_channe
         ``(compute_layer_map, quant_act_map, quant_identity_map, unsigned_act_tuple)``.
     """
     per_channel_weight, per_tensor_weight, unsigned_act, signed_act = _family(quantizer)
-    weight_quant = weight_quant or (per_channel_weight if per_channel else per_tensor_weight)
-    act_quant = act_quant or unsigned_act
-    signed_act_quant = signed_act_quant or signed_act
+    # `is None`, not `or`: a Brevitas injector class is falsy (its metaclass has __len__)
+    if weight_quant is None:
+        weight_quant = per_channel_weight if per_channel else per_tensor_weight
+    if act_quant is None:
+        act_quant = unsigned_act
+    if signed_act_quant is None:
+        signed_act_quant = signed_act
     weight_bits = check_bits(weight_bit_width, "weight_bit_width")
     act_bits = check_bits(act_bit_width, "act_bit_width")
 

@@ -326,8 +326,8 @@ def _is_averaging(node: torch.fx.Node, modules) -> bool:
 
 
 #: Factor applied to an activation quantizer's first-batch bounds (see :func:`initialize_activations_off_lattice`):
-#: close to 1 (changes the bounds by 7e-5) and not a ratio of small integers.
-OFF_LATTICE_FACTOR = 1.0 - 7.1e-5
+#: close to 1: the bounds change by 1e-4 (the first batch's MSE choice is far coarser).
+OFF_LATTICE_FACTOR = 1.0 - 1e-4
 
 
 @torch.no_grad()
@@ -352,7 +352,7 @@ def initialize_activations_off_lattice(model: nn.Module) -> int:
     rounding error, differently on about half of them, and a few learning steps (bounds move by
     ~1e-7 relative) do not move the grid off the lattice. Scaling both bounds by
     ``OFF_LATTICE_FACTOR`` right after initialisation moves every exact tie ``(m + ½)`` by
-    ``(m + ½)·7e-5``, far above float error (~1e-6), leaving only the rare generic near-ties.
+    ``(m + ½)·1e-4``, far above float error (~1e-6), leaving only the rare generic near-ties.
 
     Installs a forward pre-hook on every activation :class:`DAQFakeQuantize` that is not yet
     initialised (``daq_fx.prepare_qat_fx`` does this; other flows can call it on their prepared

@@ -58,6 +58,7 @@ from daq_core import DEFAULT_GAMMA, MAX_INT8_WEIGHT_BITS, check_bits, check_posi
 
 from .convert import bake_weight
 from .fake_quantize import ACTIVATION, WEIGHT, DAQFakeQuantize
+from .prepare import initialize_activations_off_lattice
 
 __all__ = [
     "DAQFakeQuantizePT2E",
@@ -389,7 +390,8 @@ def prepare_qat_pt2e(model, quantizer: Quantizer) -> fx.GraphModule:
         :func:`move_exported_model_to_train` (``.eval()`` is not allowed on pt2e models). Every DAQ
         weight quantizer is initialised from its (BN-folded) weight, so an optimizer over
         ``daq_fx.quantizer_parameters(model)`` may be built right away; activation bounds are set by
-        the first training batch.
+        the first training batch (moved off the input lattice as in ``daq_fx.prepare_qat_fx``, see
+        :func:`daq_fx.prepare.initialize_activations_off_lattice`).
     """
     if isinstance(model, torch.export.ExportedProgram):
         model = model.module()
@@ -403,6 +405,9 @@ def prepare_qat_pt2e(model, quantizer: Quantizer) -> fx.GraphModule:
                 weight = _weight(prepared, name)
                 fq.initialize(weight if factor is None else weight * factor)
     prepared.meta["daq_relu6_caps"] = _apply_relu6_caps(prepared)
+    # first-batch activation grids off the input lattice, as in daq_fx.prepare_qat_fx (exact ties
+    # would round differently in the QAT model and the lowered int kernels)
+    initialize_activations_off_lattice(prepared)
     return prepared
 
 

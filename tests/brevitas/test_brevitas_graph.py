@@ -102,3 +102,20 @@ def test_few_training_steps_reduce_loss(name, bits, keep_float):
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0] and min(losses[1:]) < 0.95 * losses[0], losses
+
+
+def test_quantizer_overrides_replace_the_daq_quantizers():
+    """Brevitas injector classes are falsy: overrides must still be used (not `x or default`)."""
+    from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat, Uint8ActPerTensorFloat
+    model = _timm("resnet18")
+    stock = quantize_model(model, 4, 4, weight_quant=Int8WeightPerChannelFloat, act_quant=Uint8ActPerTensorFloat,
+                           signed_act_quant=Int8ActPerTensorFloat)
+    daq = quantize_model(_timm("resnet18"), 4, 4)
+    for qmodel, expect_daq in ((stock, False), (daq, True)):
+        weight_proxies = [m.weight_quant for m in _quant_layers(qmodel)]
+        assert weight_proxies
+        assert all(isinstance(p, DAQWeightQuantProxy) == expect_daq for p in weight_proxies)
+        act_proxies = [m for m in qmodel.modules() if type(m).__name__.endswith("ActQuantProxyFromInjector")
+                       or isinstance(m, DAQActQuantProxy)]
+        assert any(isinstance(p, DAQActQuantProxy) for p in act_proxies) == expect_daq
+    assert all(int(m.quant_weight().bit_width) == 4 for m in _quant_layers(stock))

@@ -243,15 +243,8 @@ def _copy_quantizer(source: DAQFakeQuantize, target: DAQFakeQuantize):
         target.set_upper_limit(source.upper_limit)
 
 
-_FX_RESNET_UNFUSED = pytest.mark.xfail(
-    reason="known FX gap, not a pt2e bug: timm's BasicBlock calls drop_block (nn.Identity) between bn1 and act1,"
-           " which FX traces as a module call, so FX does not fuse Conv-BN-ReLU there and quantizes the pre-ReLU"
-           " tensor (signed grid); torch.export drops the Identity and pt2e quantizes the ReLU output",
-    strict=True)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mobilenetv2_100", pytest.param("resnet18", marks=_FX_RESNET_UNFUSED)])
+@pytest.mark.parametrize("name", ["mobilenetv2_100", "resnet18"])
 def test_timm_fx_and_pt2e_agree(name):
     """(c): the same float model, the same first batch, FX's quantizer parameters copied into pt2e."""
     model = _timm_model(name)

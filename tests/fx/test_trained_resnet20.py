@@ -57,7 +57,7 @@ def _accuracy(logits, y):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("weight_bits,act_bits,min_prepared_accuracy", [(4, 4, 0.55), (2, 2, 0.0)])
+@pytest.mark.parametrize("weight_bits,act_bits,min_prepared_accuracy", [(4, 4, 0.55), (2, 2, 0.0), (1, 1, 0.0)])
 def test_trained_resnet20(resnet20_and_data, weight_bits, act_bits, min_prepared_accuracy):
     torch.backends.quantized.engine = "x86"
     model, x, y = resnet20_and_data
