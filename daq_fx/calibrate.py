@@ -47,7 +47,7 @@ def _raw_output(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> tor
 
 
 @torch.no_grad()
-def calibrate_output_scales(model: nn.Module, *inputs, max_ratio: float = 4.0) -> List[str]:
+def calibrate_output_scales(model: nn.Module, *inputs, max_ratio: float = 4.0, correct_bias: bool = True) -> List[str]:
     """Fit every DAQ weight quantizer's output scale ``s`` and the layer bias to one batch.
 
     Per layer and output channel: ``ratio, offset = daq_core.output_scale_correction(conv(x, W),
@@ -66,6 +66,9 @@ def calibrate_output_scales(model: nn.Module, *inputs, max_ratio: float = 4.0) -
         model: a prepared model (``daq_fx.prepare_qat_fx``) with DAQ weight quantizers.
         *inputs: the model's inputs (one batch).
         max_ratio: per-channel ratios are clamped to ``[1/max_ratio, max_ratio]``.
+        correct_bias: also move the mean error into the bias / BN running mean (default). With BN
+            training on batch statistics (not frozen) the running mean is not what the training
+            forward uses, so the correction is only seen in eval; ``False`` fits the scales alone.
 
     Returns:
         The names of the corrected layers, in execution order.
@@ -107,7 +110,9 @@ def calibrate_output_scales(model: nn.Module, *inputs, max_ratio: float = 4.0) -
                 ratio, offset = daq_core.output_scale_correction(reference, quantized, 1, max_ratio)
             fq.output_scale.mul_(ratio.to(fq.output_scale.dtype))
             factor = weight_fold_factor(module)
-            if factor is not None:
+            if not correct_bias:
+                pass
+            elif factor is not None:
                 module.bn.running_mean.sub_(offset / factor)
             elif module.bias is not None:
                 module.bias.add_(offset.to(module.bias.dtype))

@@ -178,14 +178,16 @@ def prepare(model: nn.Module, spec: QuantSpec, example_inputs) -> nn.Module:
                                        keep_first_last_float=bool(spec.float_layers), **kwargs)
 
 
-def calibrate(model: nn.Module, spec: QuantSpec, batch: torch.Tensor) -> List[str]:
+def calibrate(model: nn.Module, spec: QuantSpec, batch: torch.Tensor, correct_bias: bool = True) -> List[str]:
     """Data-driven output scales and bias correction after initialisation (fx DAQ; else a no-op).
 
-    See :func:`daq_fx.calibrate_output_scales` (DAQ-SPEC §5). Returns the corrected layers.
+    See :func:`daq_fx.calibrate_output_scales` (DAQ-SPEC §5); ``correct_bias`` only with frozen BN
+    (the recipes pass ``--freeze-bn``). Returns the corrected layers.
     """
     if spec.framework != "fx" or spec.quantizer != "daq":
         return []
-    return _import_daq_fx().calibrate_output_scales(getattr(model, "module", model), batch)
+    return _import_daq_fx().calibrate_output_scales(getattr(model, "module", model), batch,
+                                                    correct_bias=correct_bias)
 
 
 def quantizer_parameters(model: nn.Module, spec: QuantSpec) -> List[nn.Parameter]:

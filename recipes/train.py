@@ -91,9 +91,10 @@ def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
     g.add_argument("--float-layers", default=None,
                    help="comma-separated module names kept in float ('' = quantize every layer)")
     g.add_argument("--compile-kernels", action="store_true", help="torch.compile the DAQ element-wise kernels")
-    g.add_argument("--calibrate-scales", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--calibrate-scales", action=argparse.BooleanOptionalAction, default=None,
                    help="fx DAQ: fit the weight quantizers' output scales and the layer biases to the calibration"
-                        " batch after initialisation (DAQ-SPEC §5, daq_fx.calibrate_output_scales)")
+                        " batch after initialisation (DAQ-SPEC §5, daq_fx.calibrate_output_scales); default: on"
+                        " with --freeze-bn (where it was measured), off when BN trains on batch statistics")
     g.add_argument("--intermediate-act-bits", type=int, default=None,
                    help="fx DAQ: bits for activations that are not a quantized layer's input (residual-add"
                         " operands, float layers' inputs), e.g. 8; 0: the --bits activation width")
@@ -620,8 +621,12 @@ class Pipeline:
         with torch.no_grad():
             for k, v in bn_bufs.items():
                 sd[k].copy_(v)
+        if a.calibrate_scales is None:
+            # measured with frozen BN (the demo, the ResNet-20 benchmark); with BN training on batch
+            # statistics a tiny from-scratch ResNet-20 stayed at chance in eval after calibration
+            a.calibrate_scales = bool(a.freeze_bn)
         if a.calibrate_scales:
-            quant_mod.calibrate(qat, spec, calib)
+            quant_mod.calibrate(qat, spec, calib, correct_bias=a.freeze_bn)
         return qat
 
     def run(self):
