@@ -245,7 +245,8 @@ def table(rows: List[Dict], args, planned=()) -> str:
             if r.get("rc") != 0:
                 lines.append(f"| {b} | {DESCRIPTIONS[m]} | failed (see {m}-{b}.log) | | | |")
                 continue
-            lines.append(f"| {b} | {DESCRIPTIONS[m]} | {_f(r.get('qat_acc'))} | {_f(r.get('qat_minus_float'), True)} |"
+            mark = "" if r.get("float_acc") == float_acc else " ¹"
+            lines.append(f"| {b} | {DESCRIPTIONS[m]} | {_f(r.get('qat_acc'))}{mark} | {_f(r.get('qat_minus_float'), True)} |"
                          f" {_f(r.get('int_acc'))} | {_f(r.get('agreement'))} |")
     any_row = next((r for r in rows if r.get("rc") == 0), {})
     head = [f"Float model: {_f(float_acc)}% top-1 (the shared checkpoint fine-tuned {args.float_epochs} epoch(s) on"
@@ -253,6 +254,11 @@ def table(rows: List[Dict], args, planned=()) -> str:
             f" ({any_row.get('qat_steps', 'n/a')} steps of batch {any_row.get('batch_size', 'n/a')},"
             f" {any_row.get('train_images', 'n/a')} training images), validation"
             f" {any_row.get('val_images', 'n/a')} images carved from the training set.", ""]
+    others = sorted({r["float_acc"] for r in rows if r.get("rc") == 0 and r.get("float_acc") not in (None, float_acc)})
+    if others:
+        head[-1:] = [f"¹ started from a float model re-made by the same command on another machine"
+                     f" ({', '.join(_f(v) + '%' for v in others)}: CPU float training is not bitwise reproducible"
+                     f" across machines); Δ is against that row's own float model.", ""]
     return "\n".join(head + lines) + "\n"
 
 
