@@ -109,13 +109,12 @@ def calibrate_output_scales(model: nn.Module, *inputs, max_ratio: float = 4.0, c
             else:
                 ratio, offset = daq_core.output_scale_correction(reference, quantized, 1, max_ratio)
             fq.output_scale.mul_(ratio.to(fq.output_scale.dtype))
-            factor = weight_fold_factor(module)
-            if not correct_bias:
-                pass
-            elif factor is not None:
-                module.bn.running_mean.sub_(offset / factor)
-            elif module.bias is not None:
-                module.bias.add_(offset.to(module.bias.dtype))
+            if correct_bias:
+                factor = weight_fold_factor(module)
+                if factor is not None:
+                    module.bn.running_mean.sub_(offset / factor)
+                elif module.bias is not None:
+                    module.bias.add_(offset.to(module.bias.dtype))
             done.append(name)
         return hook
 

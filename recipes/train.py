@@ -621,10 +621,6 @@ class Pipeline:
         with torch.no_grad():
             for k, v in bn_bufs.items():
                 sd[k].copy_(v)
-        if a.calibrate_scales is None:
-            # measured with frozen BN (the demo, the ResNet-20 benchmark); with BN training on batch
-            # statistics a tiny from-scratch ResNet-20 stayed at chance in eval after calibration
-            a.calibrate_scales = bool(a.freeze_bn)
         if a.calibrate_scales:
             quant_mod.calibrate(qat, spec, calib, correct_bias=a.freeze_bn)
         return qat
@@ -639,6 +635,10 @@ class Pipeline:
                          f" {a.quantizer} quantizes every activation at A{ab}")
                 a.intermediate_act_bits = None
             a.intermediate_act_bits = a.intermediate_act_bits or None     # 0: the --bits activation width
+            if a.calibrate_scales is None:
+                # measured with frozen BN (the demo, the ResNet-20 benchmark); with BN training on batch
+                # statistics a tiny from-scratch ResNet-20 stayed at chance in eval after calibration
+                a.calibrate_scales = bool(a.freeze_bn)
             self.spec = quant_mod.QuantSpec(a.framework, w, ab, self.float_layers, rounding=a.rounding, beta=a.beta,
                                             quantizer=a.quantizer, intermediate_act_bits=a.intermediate_act_bits)
         except quant_mod.QuantError as e:

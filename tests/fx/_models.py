@@ -54,6 +54,11 @@ def agreement(a: torch.Tensor, b: torch.Tensor):
     return top1, cos
 
 
+def bit_exact_fraction(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-4) -> float:
+    """The fraction of samples (rows) whose outputs agree to ``atol`` everywhere."""
+    return ((a - b).abs().amax(1) < atol).float().mean().item()
+
+
 class TracedLinear(nn.Linear):
     """A ``Linear`` defined outside ``torch.nn`` (like ``timm.layers.Linear``): FX traces through it,
     so the weight reaches ``F.linear`` as a ``get_attr`` node with its own weight quantizer."""

@@ -25,7 +25,7 @@ import daq_fx  # noqa: E402
 from daq_fx import DAQFakeQuantize  # noqa: E402
 from daq_fx import pt2e  # noqa: E402
 
-from ._models import agreement, calibrate_batchnorm  # noqa: E402
+from ._models import agreement, bit_exact_fraction, calibrate_batchnorm  # noqa: E402
 
 #: 32: the last feature map is 1x1 (an odd count for the global average pool: with an even count,
 #: float and integer averages round exact ties differently, see daq_fx.AveragedActivation). At 96x96
@@ -211,7 +211,7 @@ def test_timm_converted_matches_qat(name):
     with torch.no_grad():
         expected, got = qat(x), converted(x)
     top1, cos = agreement(expected, got)
-    exact = ((expected - got).abs().amax(1) < 1e-4).float().mean().item()
+    exact = bit_exact_fraction(expected, got)
     print(f"pt2e {name} converted vs QAT: top-1 agreement {top1:.4f}, cosine {cos:.6f},"
           f" bit-exact samples {exact:.4f}, max |diff| {(expected - got).abs().max().item():.3g}")
     assert expected.abs().max() > 0

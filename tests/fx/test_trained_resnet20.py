@@ -15,6 +15,8 @@ import torch
 
 import daq_fx
 
+from ._models import agreement
+
 MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
 STD = torch.tensor([0.247, 0.243, 0.261]).view(1, 3, 1, 1)
 
@@ -113,8 +115,7 @@ def test_trained_resnet20_pt2e(resnet20_and_data, weight_bits, act_bits):
     converted = pt2e.convert_pt2e(qat)
     with torch.no_grad():
         got = converted(x)
-    top1 = (got.argmax(1) == expected.argmax(1)).float().mean().item()
-    cos = torch.nn.functional.cosine_similarity(got.flatten().double(), expected.flatten().double(), 0).item()
+    top1, cos = agreement(expected, got)
     print(f"pt2e W{weight_bits}A{act_bits}: QAT accuracy {_accuracy(expected, y):.3f};"
           f" converted vs QAT: top-1 agreement {top1:.4f}, cosine {cos:.6f}")
     assert expected.abs().max() > 0
