@@ -178,13 +178,29 @@ def _rewrite_spatial_means(graph: fx.Graph, quantized: Dict[fx.Node, Tuple[float
     return count
 
 
+def _requantizes(node: fx.Node, converted: fx.GraphModule) -> bool:
+    """Whether ``node`` computes new values and rounds them onto its output grid (conv, linear, add,
+    mul, quantize, ...), as opposed to moving or pooling its input's codes.
+
+    Such an op needs its clamp even when its output grid happens to equal an input's (seen on a
+    pretrained efficientnet_lite0: ReLU6-capped activations whose bounds both settle at ``[0, 6]``).
+    """
+    if node.op == "call_module":
+        module = converted.get_submodule(node.target)
+        return hasattr(module, "scale") and hasattr(module, "zero_point")   # quantized modules with own qparams
+    if node.op == "call_function":
+        return node.target is torch.quantize_per_tensor or str(node.target).startswith("quantized.")
+    return False
+
+
 def insert_activation_clamps(converted: fx.GraphModule, grids, example_inputs: Tuple[Any, ...],
                              contiguous: bool = False) -> int:
     """Insert ``torch.clamp`` after every op whose quantized output lies on a sub-8-bit DAQ grid.
 
-    Which ops: those whose output (scale, zero point) differs from those of all their quantized
-    inputs (quantize_per_tensor, conv, linear, add, mul, hardswish, ...), found by running
-    ``example_inputs`` through ``converted``; ops that only move or pool values keep them in range.
+    Which ops: those that requantize (quantize_per_tensor, conv, linear, add, mul, hardswish, ...)
+    and any other op whose output (scale, zero point) differs from those of all its quantized
+    inputs, found by running ``example_inputs`` through ``converted``; ops that only move or pool
+    values of an input on the same grid keep them in range.
     The clamp bounds are the grid's codes ``0`` and ``quant_max`` (±¼ step of margin against
     float rounding; the quantized clamp re-rounds them to those codes).
 
@@ -205,8 +221,8 @@ def insert_activation_clamps(converted: fx.GraphModule, grids, example_inputs: T
         if quant_max is None or quant_max >= 255:
             continue
         inputs = [a for a in node.all_input_nodes if a in recorder.qparams]
-        if any(recorder.qparams[a] == (scale, zero_point) for a in inputs):
-            continue
+        if not _requantizes(node, converted) and any(recorder.qparams[a] == (scale, zero_point) for a in inputs):
+            continue   # moves or pools values of an input on the same grid: they stay in range
         targets.append((node, scale, zero_point, quant_max))
     count = 0
     for node, scale, zero_point, quant_max in targets:

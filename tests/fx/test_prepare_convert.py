@@ -10,7 +10,7 @@ from torch.ao.quantization import FixedQParamsFakeQuantize
 import daq_fx
 from daq_fx import DAQFakeQuantize
 
-from ._models import TinyNet, TinySE, agreement, calibrate_batchnorm
+from ._models import TinyNet, TinySE, agreement, bit_exact_fraction, calibrate_batchnorm
 
 
 def _prepared(model=None, backend="x86", weight_bits=4, act_bits=4, **mapping_kwargs):
@@ -163,6 +163,43 @@ def test_exact_clamps_matter_when_activations_exceed_the_upper_bound():
     # exact: equal up to rare one-code flips where float and int arithmetic round a tie differently
     assert (exact_error > 1e-4).float().mean() < 0.02
     assert fast_error.mean() > 10 * exact_error.mean() + 1e-3   # documented: fast is not exact
+
+
+class _TwoReLU6(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.act1, self.act2 = nn.ReLU6(), nn.ReLU6()
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.act2(self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_exact_clamps_also_where_consecutive_grids_are_equal():
+    """Two ReLU6-capped activations whose bounds both settle at [0, 6] (as on a pretrained
+    efficientnet_lite0) have the same scale and zero point; the second conv still requantizes
+    and needs its clamp (a regression: it was skipped as if the conv only moved values)."""
+    qat = _prepared(_TwoReLU6())
+    capped = [m for m in qat.modules() if isinstance(m, DAQFakeQuantize) and m.upper_limit == 6.0]
+    assert len(capped) == 2
+    with torch.no_grad():
+        for fq in capped:
+            fq.lower_bound.fill_(0.0)
+            fq.upper_bound.fill_(6.0)
+    qat.eval()
+    x = 8.0 * torch.randn(32, 3, 12, 12)      # pre-activations far above 6
+    with torch.no_grad():
+        expected = qat(x)
+    exact = daq_fx.convert_fx(qat, exact=True)
+    clamped = {n.args[0].target for n in exact.graph.nodes if n.target is torch.clamp and n.args[0].op == "call_module"}
+    assert {"conv1", "conv2"} <= clamped
+    with torch.no_grad():
+        got = exact(x)
+    print(f"clamps {exact.meta['daq_activation_clamps']}, bit-exact samples {bit_exact_fraction(expected, got):.3f}")
+    assert bit_exact_fraction(expected, got) >= 0.95
 
 
 def test_eval_batchnorm_is_independent_of_batch_composition():
