@@ -10,7 +10,8 @@
    ``get_default_qat_qconfig_mapping("x86")``), for ResNet-20 (CIFAR, 32x32, batch 128) and
    timm ``mobilenetv2_100`` (224x224, batch 8); see ``benchmarks/fx_cost.py``. Targets ≤ 1.25.
 3. **latency** — the converted int8 model (x86, ``exact=True`` and ``exact=False``) ÷ the
-   float eager model, for both models. Targets (mobilenetv2_100): exact ≤ 0.4, fast ≤ 0.3;
+   float eager model in its faster layout (NCHW or ``channels_last``; both are reported), for
+   both models. Targets (mobilenetv2_100): exact ≤ 0.4, fast ≤ 0.3;
    ResNet-20's latency is reported without a target.
 
 Full mode compiles the DAQ kernels (``daq_core.use_compiled_kernels(True)``) and writes
@@ -168,9 +169,9 @@ def main(argv=None) -> dict:
                  (f"{name}/memory", f"{name} peak train memory", _mib(mem["daq_bytes"]),
                   f"default QAT {_mib(mem['default_bytes'])}", mem["ratio"]),
                  (f"{name}/latency_exact", f"{name} int8 x86 exact", _ms(lat["exact_s"]),
-                  f"float eager {_ms(lat['float_s'])}", lat["ratio_exact"]),
+                  f"float eager {lat['float_layout']} {_ms(lat['float_s'])}", lat["ratio_exact"]),
                  (f"{name}/latency_fast", f"{name} int8 x86 fast", _ms(lat["fast_s"]),
-                  f"float eager {_ms(lat['float_s'])}", lat["ratio_fast"])]
+                  f"float eager {lat['float_layout']} {_ms(lat['float_s'])}", lat["ratio_fast"])]
 
     wall = time.perf_counter() - t_start
     print()

@@ -50,3 +50,9 @@ def test_quick_run_writes_wellformed_ratios(tmp_path):
     for op in ("activation_per_tensor", "weight_per_channel"):
         detail = results["op"][op]
         assert detail["builtin_s"] > 0 and detail["daq_eager_s"] > 0
+    for name in cost.MODEL_NAMES:
+        # latency is measured against the faster float layout (NCHW or channels_last), both reported
+        lat = results["models"][name]["latency"]
+        assert lat["float_s"] == min(lat["float_nchw_s"], lat["float_channels_last_s"])
+        assert lat["float_layout"] in ("nchw", "channels_last")
+        assert math.isclose(results["ratios"][f"{name}/latency_exact"], lat["exact_s"] / lat["float_s"])
