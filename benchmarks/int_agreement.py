@@ -1,10 +1,11 @@
 """How closely the int8 model reproduces the QAT model, FX and pt2e, over several first batches.
 
-On the shared pretrained CIFAR-10 ResNet-20 (first conv and last linear float), for each of
-``--starts``: prepare DAQ W{b}A{b} QAT, initialise the quantizers from the 128 validation images
-beginning at that index, switch to eval, convert, and compare the converted model with the QAT
-model on ``--images`` validation images (top-1 agreement, cosine similarity of the logits,
-fraction of samples whose logits agree to 1e-4). FX: ``daq_fx.convert_fx`` (x86 int8 kernels);
+On the shared pretrained CIFAR-10 ResNet-20 (first conv and last linear float) and the first
+``--images / 10`` JPEG images of each class (read from the shared archive), for each of
+``--starts``: prepare DAQ W{b}A{b} QAT, initialise the quantizers from the 128 images beginning
+at that index, switch to eval, convert, and compare the converted model with the QAT model on all
+the images (top-1 agreement, cosine similarity of the logits, fraction of samples whose logits
+agree to 1e-4). FX: ``daq_fx.convert_fx`` (x86 int8 kernels);
 pt2e: ``daq_fx.pt2e.convert_pt2e`` (the q/dq model; skipped without torchao).
 
 The two models disagree only where float (QAT) and integer arithmetic round a value that lies
@@ -33,7 +34,9 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-DEFAULT_CHECKPOINT = REPO.parent / "shared" / "data" / "resnet20-cifar10-12fca82f.th"
+SHARED_DATA = REPO.parent / "shared" / "data"
+DEFAULT_CHECKPOINT = SHARED_DATA / "resnet20-cifar10-12fca82f.th"
+DEFAULT_ARCHIVE = SHARED_DATA / "cifar10-jpeg-train.tar.gz"
 
 
 def _agreement(expected: torch.Tensor, got: torch.Tensor) -> dict:
@@ -70,29 +73,34 @@ def _pt2e(model, bits, first, x):
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="float ResNet-20 checkpoint")
-    parser.add_argument("--data-root", default=None, help="CIFAR-10 ImageFolder root (default: the recipe cache)")
+    parser.add_argument("--archive", default=str(DEFAULT_ARCHIVE), help="cifar10-jpeg-train.tar.gz (read, not extracted)")
     parser.add_argument("--bits", type=int, default=4, help="weight and activation bits (default 4)")
     parser.add_argument("--starts", default="0,100,200,272",
                         help="comma-separated indices of the first-batch windows (128 images each)")
     parser.add_argument("--images", type=int, default=400, help="validation images compared (default 400)")
     parser.add_argument("--output", default=None, help="JSON results")
     args = parser.parse_args(argv)
-    if not Path(args.checkpoint).is_file():
-        parser.error(f"--checkpoint {args.checkpoint} not found: pass the float ResNet-20 checkpoint")
     try:
         starts = [int(s) for s in args.starts.split(",") if s.strip()]
     except ValueError:
         parser.error(f"--starts must be comma-separated integers, got {args.starts!r}")
-    if args.images < 128 or not starts:
-        parser.error("--images must be >= 128 and --starts non-empty")
+    if not starts:
+        parser.error("--starts: give at least one index")
+    if args.images < 128:
+        parser.error(f"--images must be >= 128 (one first batch), got {args.images}")
+    if max(starts) + 128 > args.images or min(starts) < 0:
+        parser.error(f"--starts: every window of 128 images must lie within the {args.images} images")
+    if not Path(args.checkpoint).is_file():
+        parser.error(f"--checkpoint {args.checkpoint} not found: pass the float ResNet-20 checkpoint")
 
-    from recipes.data import load_cifar10
+    from recipes.data import CIFAR_MEAN, CIFAR_STD, DataError, read_cifar10_archive
     from recipes.models import create_model, load_float_checkpoint
-    val = load_cifar10(32, args.data_root).val
-    step = max(1, len(val) // args.images)
-    x = torch.stack([val[i][0] for i in range(0, step * args.images, step)])
-    if max(starts) + 128 > len(x):
-        parser.error(f"--starts: every window of 128 must lie within the {len(x)} images")
+    try:
+        images, _ = read_cifar10_archive(args.archive, -(-args.images // 10))
+    except DataError as error:
+        parser.error(f"--archive: {error}")
+    mean, std = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+    x = (images[:args.images].float() / 255 - mean) / std
     model = create_model("resnet20_cifar", 10)
     load_float_checkpoint(model, args.checkpoint)
     try:

@@ -23,7 +23,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -192,6 +192,39 @@ def _decode_all(samples, size_hint: int = 32) -> torch.Tensor:
     if len(shapes) != 1:
         raise DataError(f"images have different sizes {sorted(shapes)[:3]}...; cifar10 expects 32x32 images")
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+
+
+def read_cifar10_archive(path, per_class: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The first ``per_class`` images of each class from ``cifar10-jpeg-train.tar.gz``, without extracting it.
+
+    Returns ``(images, labels)``: uint8 ``N x 3 x 32 x 32`` in archive order and class indices
+    (classes sorted by name). For tests and benchmarks that need a few hundred real images.
+    """
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} not found: expected the CIFAR-10 JPEG archive (cifar10-jpeg-train.tar.gz)")
+    images, names, counts = [], [], {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if not (member.isfile() and member.name.endswith(".jpg")):
+                continue
+            cls = member.name.split("/")[-2]
+            if counts.get(cls, 0) >= per_class:
+                if len(counts) == 10 and min(counts.values()) >= per_class:
+                    break
+                continue
+            counts[cls] = counts.get(cls, 0) + 1
+            images.append(np.array(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")))
+            names.append(cls)
+    classes = sorted(set(names))
+    return (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
+            torch.tensor([classes.index(c) for c in names]))
 
 
 def load_cifar10(img_size: int, data_root: Optional[str] = None, download: bool = False,

@@ -6,10 +6,6 @@ thresholds (top-1 ≥ 99.5 %, cosine ≥ 0.999) on real images. Skips where ../s
 is absent (users' checkouts).
 """
 
-import io
-import tarfile
-
-import numpy as np
 import pytest
 import torch
 
@@ -22,23 +18,9 @@ STD = torch.tensor([0.247, 0.243, 0.261]).view(1, 3, 1, 1)
 
 
 def _images(shared_data, per_class=40):
-    from PIL import Image
-    images, labels, counts = [], [], {}
-    with tarfile.open(shared_data / "cifar10-jpeg-train.tar.gz") as tar:
-        for member in tar:
-            if not (member.isfile() and member.name.endswith(".jpg")):
-                continue
-            cls = member.name.split("/")[-2]
-            if counts.get(cls, 0) >= per_class:
-                if len(counts) == 10 and min(counts.values()) >= per_class:
-                    break
-                continue
-            counts[cls] = counts.get(cls, 0) + 1
-            images.append(np.array(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")))
-            labels.append(cls)
-    names = sorted(set(labels))
-    x = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 255
-    return (x - MEAN) / STD, torch.tensor([names.index(c) for c in labels])
+    from recipes.data import read_cifar10_archive
+    images, labels = read_cifar10_archive(shared_data / "cifar10-jpeg-train.tar.gz", per_class)
+    return (images.float() / 255 - MEAN) / STD, labels
 
 
 @pytest.fixture(scope="module")
