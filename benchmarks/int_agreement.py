@@ -73,7 +73,8 @@ def _pt2e(model, bits, first, x):
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="float ResNet-20 checkpoint")
-    parser.add_argument("--archive", default=str(DEFAULT_ARCHIVE), help="cifar10-jpeg-train.tar.gz (read, not extracted)")
+    parser.add_argument("--archive", default=str(DEFAULT_ARCHIVE),
+                        help="cifar10-jpeg-train.tar.gz (read, not extracted)")
     parser.add_argument("--bits", type=int, default=4, help="weight and activation bits (default 4)")
     parser.add_argument("--starts", default="0,100,200,272",
                         help="comma-separated indices of the first-batch windows (128 images each)")
