@@ -75,10 +75,11 @@ def test_trained_resnet20(resnet20_and_data, weight_bits, act_bits, min_prepared
 def test_trained_resnet20_pt2e(resnet20_and_data, weight_bits, act_bits):
     """The same trained network through torchao's pt2e flow: q/dq model vs QAT.
 
-    Measured (400 images): W4A4 top-1 agreement 0.9900, cosine 0.998877; W2A2 1.0000 / 1.000000.
-    Below the issue's 0.995 / 0.999 at W4A4, which the FX flow meets on this network (1.0000 /
-    0.99998): the q/dq model folds BN into the weight and bias and computes in another float
-    order than the QAT Conv-BN pattern, so more near-ties round differently (known, not fixed).
+    Measured (400 images, 2 threads): W4A4 top-1 agreement 0.9900, cosine 0.998877; W2A2 1.0000 /
+    1.000000. Below the issue's 0.995 / 0.999 at W4A4 for this first batch: repeated values within
+    ~1e-5 of a rounding point, rounded one way by the float32 QAT model and the other by the q/dq
+    model (bisected: one channel of one layer at t = 6.5 ± 4e-6). Other first batches meet the
+    thresholds (python -m benchmarks.int_agreement); see docs/pt2e.md (known, not fixed).
     """
     pytest.importorskip("torchao.quantization.pt2e",
                         reason="torchao is not installed: pip install 'daq-quant[pt2e]' (torchao>=0.15,<0.19)")
