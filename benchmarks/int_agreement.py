@@ -39,13 +39,6 @@ DEFAULT_CHECKPOINT = SHARED_DATA / "resnet20-cifar10-12fca82f.th"
 DEFAULT_ARCHIVE = SHARED_DATA / "cifar10-jpeg-train.tar.gz"
 
 
-def _agreement(expected: torch.Tensor, got: torch.Tensor) -> dict:
-    top1 = (expected.argmax(1) == got.argmax(1)).float().mean().item()
-    cos = torch.nn.functional.cosine_similarity(expected.flatten().double(), got.flatten().double(), 0).item()
-    exact = ((expected - got).abs().amax(1) < 1e-4).float().mean().item()
-    return {"top1": top1, "cosine": cos, "bit_exact_samples": exact}
-
-
 def _fx(model, bits, first, x):
     import daq_fx
     torch.backends.quantized.engine = "x86"
@@ -55,7 +48,7 @@ def _fx(model, bits, first, x):
     with torch.no_grad():
         qat(first)
         qat.eval()
-        return _agreement(qat(x), daq_fx.convert_fx(qat)(x))
+        return daq_fx.output_agreement(qat(x), daq_fx.convert_fx(qat)(x))
 
 
 def _pt2e(model, bits, first, x):
@@ -67,7 +60,7 @@ def _pt2e(model, bits, first, x):
         qat(first)
     pt2e.move_exported_model_to_eval(qat)
     with torch.no_grad():
-        return _agreement(qat(x), pt2e.convert_pt2e(qat)(x))
+        return daq_fx.output_agreement(qat(x), pt2e.convert_pt2e(qat)(x))
 
 
 def main(argv=None) -> dict:

@@ -10,7 +10,14 @@ Typical use::
     int8 = daq_fx.convert_fx(qat.eval())
 """
 
-from .convert import activation_grids, bake_daq_weights, bake_weight, convert_fx, insert_activation_clamps
+from .convert import (
+    activation_grids,
+    bake_daq_weights,
+    bake_weight,
+    convert_fx,
+    insert_activation_clamps,
+    output_agreement,
+)
 from .fake_quantize import ACTIVATION, WEIGHT, AveragedActivation, DAQFakeQuantize
 from .n2uq import (
     N2UQConvertError,

@@ -28,7 +28,8 @@ from .n2uq import N2UQFakeQuantize, check_convertible
 from .prepare import _fold_shape, weight_fold_factor
 from .qconfig import get_daq_backend_config
 
-__all__ = ["bake_weight", "bake_daq_weights", "convert_fx", "insert_activation_clamps", "activation_grids"]
+__all__ = ["bake_weight", "bake_daq_weights", "convert_fx", "insert_activation_clamps", "activation_grids",
+           "output_agreement"]
 
 
 @torch.no_grad()
@@ -293,3 +294,19 @@ def convert_fx(graph_module: fx.GraphModule, convert_custom_config=None, _remove
     if inplace and was_training:
         model.train()
     return converted.eval()
+
+
+@torch.no_grad()
+def output_agreement(expected: torch.Tensor, got: torch.Tensor, atol: float = 1e-4) -> Dict[str, float]:
+    """How closely a converted model's outputs ``got`` reproduce the QAT model's ``expected`` (N x C).
+
+    Returns ``top1`` (fraction of rows with the same argmax), ``cosine`` (cosine similarity of the
+    flattened outputs, in float64) and ``bit_exact_samples`` (fraction of rows equal to ``atol``).
+    """
+    if expected.shape != got.shape or expected.dim() != 2:
+        raise ValueError(f"expected and got must be N x C outputs of the same shape, got {tuple(expected.shape)}"
+                         f" and {tuple(got.shape)}")
+    return {"top1": (expected.argmax(1) == got.argmax(1)).float().mean().item(),
+            "cosine": torch.nn.functional.cosine_similarity(expected.flatten().double(), got.flatten().double(),
+                                                            0).item(),
+            "bit_exact_samples": ((expected - got).abs().amax(1) < atol).float().mean().item()}

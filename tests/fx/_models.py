@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+import daq_fx
+
 
 class TinyNet(nn.Module):
     """Conv-BN-ReLU, depthwise Conv-BN, residual add, dropout, pool, flatten, linear."""
@@ -49,14 +51,13 @@ def calibrate_batchnorm(model: nn.Module, make_input, batches: int = 2) -> nn.Mo
 
 def agreement(a: torch.Tensor, b: torch.Tensor):
     """(top-1 agreement, cosine similarity of the flattened outputs)."""
-    top1 = (a.argmax(1) == b.argmax(1)).float().mean().item()
-    cos = torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), 0).item()
-    return top1, cos
+    r = daq_fx.output_agreement(a, b)
+    return r["top1"], r["cosine"]
 
 
-def bit_exact_fraction(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-4) -> float:
-    """The fraction of samples (rows) whose outputs agree to ``atol`` everywhere."""
-    return ((a - b).abs().amax(1) < atol).float().mean().item()
+def bit_exact_fraction(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The fraction of samples (rows) whose outputs agree to 1e-4 everywhere."""
+    return daq_fx.output_agreement(a, b)["bit_exact_samples"]
 
 
 class TracedLinear(nn.Linear):
