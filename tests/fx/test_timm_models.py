@@ -21,11 +21,14 @@ from ._models import agreement, bit_exact_fraction, calibrate_batchnorm
 
 SIZE = 32
 #: floors for the bit-exact sample fraction of random-init W4A4 models (the issue's top-1/cosine thresholds
-#: are asserted on a trained network: tests/fx/test_trained_resnet20.py). Measured at the test's seed
-#: (2 threads): mobilenetv2 0.945, resnet18 0.867, efficientnet_b0 0.961, mobilenetv3 0.984, regnety 0.930;
-#: over seeds 0-2 the lowest were 0.945 / 0.805 / 0.922 / 0.984 / 0.922 (see docs/fx.md, "Backends").
-EXACT_SAMPLES = {"mobilenetv2_100": 0.9, "resnet18": 0.75, "efficientnet_b0": 0.85,
-                 "mobilenetv3_large_100": 0.9, "regnety_002": 0.85}
+#: are asserted on a trained network: tests/fx/test_trained_resnet20.py). Which near-ties flip depends on
+#: the CPU's int8 kernels, so the fraction does too. Measured at the test's seed, 2 threads, for
+#: mobilenetv2 / resnet18 / efficientnet_b0 / mobilenetv3 / regnety: on an AVX512-VNNI Intel VM 0.945 /
+#: 0.867 / 0.961 / 0.984 / 0.930 (lowest over seeds 0-2: 0.945 / 0.805 / 0.922 / 0.984 / 0.922), on an
+#: AMD EPYC VM 0.977 / 0.750 / 0.914 / 0.852 / 0.984 (see docs/fx.md, "Backends"). The bugs these tests
+#: caught converted 0-67 % of samples bit-exactly.
+EXACT_SAMPLES = {"mobilenetv2_100": 0.9, "resnet18": 0.7, "efficientnet_b0": 0.85,
+                 "mobilenetv3_large_100": 0.8, "regnety_002": 0.85}
 MODELS = ["mobilenetv2_100", "resnet18", "efficientnet_b0", "mobilenetv3_large_100", "regnety_002"]
 
 
