@@ -131,9 +131,13 @@ def _run(kind: str, x: torch.Tensor, *args):
     eager = _forward_kernel if kind == "forward" else _backward_kernel
     if _KERNELS["compiled"] and x.numel() >= COMPILE_MIN_NUMEL:
         # n, gamma and sigma stay python floats: specialised, one compilation per
-        # combination (a handful per model), which lets inductor vectorise the kernel (~5x)
+        # combination (a handful per model), which lets inductor vectorise the kernel (~5x).
+        # Tensors are passed detached (the fused Function does the autograd): dynamo guards on
+        # requires_grad, and the same quantizer is called with and without it (training step,
+        # no_grad first batch / eval), which otherwise compiles every kernel twice and ran into
+        # dynamo's recompile limit (8) on mobilenetv2, leaving later calls eager.
         try:
-            return _KERNELS[kind](x, *args)
+            return _KERNELS[kind](x.detach(), *(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
         except Exception:  # pragma: no cover - compiler missing or failing: stay correct, go eager
             use_compiled_kernels(False)
     return eager(x, *args)

@@ -224,11 +224,17 @@ def test_compiled_kernels_match_eager():
     y_e = dc.fake_quantize_activation(x, lo, hi, 3)
     g_e = torch.autograd.grad(y_e, [x, lo, hi], gy)
     assert dc.use_compiled_kernels(True) and dc.compiled_kernels_enabled()
+    from torch._dynamo.utils import counters
     try:
         y_c = dc.fake_quantize_activation(x, lo, hi, 3)
         g_c = torch.autograd.grad(y_c, [x, lo, hi], gy)
+        graphs = counters["stats"]["unique_graphs"]
+        with torch.no_grad():   # first batch / eval: same kernels, no new compilation
+            y_n = dc.fake_quantize_activation(x.detach(), lo.detach(), hi.detach(), 3)
+        recompiled = counters["stats"]["unique_graphs"] - graphs
     finally:
         dc.use_compiled_kernels(False)
-    assert torch.equal(y_e, y_c)
+    assert recompiled == 0, "requires_grad of the inputs must not trigger a recompilation"
+    assert torch.equal(y_e, y_c) and torch.equal(y_e, y_n)
     for a, b in zip(g_e, g_c):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-3)
