@@ -17,6 +17,7 @@ from .convert import (
     convert_fx,
     insert_activation_clamps,
     output_agreement,
+    quantized_zero_padding,
 )
 from .fake_quantize import ACTIVATION, WEIGHT, AveragedActivation, DAQFakeQuantize
 from .n2uq import (
@@ -33,6 +34,7 @@ from .prepare import (
     initialize_weight_quantizers,
     prepare_qat_fx,
     prepare_timm_model,
+    static_same_padding,
     weight_fold_factor,
     widen_intermediate_activations,
 )

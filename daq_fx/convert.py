@@ -29,7 +29,7 @@ from .prepare import _fold_shape, weight_fold_factor
 from .qconfig import get_daq_backend_config
 
 __all__ = ["bake_weight", "bake_daq_weights", "convert_fx", "insert_activation_clamps", "activation_grids",
-           "output_agreement"]
+           "quantized_zero_padding", "output_agreement"]
 
 
 @torch.no_grad()
@@ -179,6 +179,43 @@ def _rewrite_spatial_means(graph: fx.Graph, quantized: Dict[fx.Node, Tuple[float
     return count
 
 
+def quantized_zero_padding(converted: fx.GraphModule, example_inputs: Tuple[Any, ...]) -> int:
+    """Run ``nn.ZeroPad2d`` on the quantized tensor instead of ``dequantize → pad → quantize``.
+
+    torch.ao lowers no quantized pad, so a pad that shares its input's quantizer (see
+    :func:`daq_fx.get_daq_backend_config`; static "same" padding, :func:`daq_fx.static_same_padding`)
+    becomes a float round trip. Where the requantization uses the input's own (scale, zero
+    point), found by running ``example_inputs``, the quantized pad writes the same codes (0 → the
+    zero point) without it. Returns the number of pads rewritten (the model is modified in place).
+    """
+    graph = converted.graph
+    candidates = []
+    for node in graph.nodes:
+        users = list(node.users)
+        source = node.args[0] if node.op == "call_module" and len(node.args) == 1 else None
+        if isinstance(source, fx.Node) and isinstance(converted.get_submodule(node.target), nn.ZeroPad2d) \
+                and source.op == "call_method" and source.target == "dequantize" and len(users) == 1 \
+                and users[0].target is torch.quantize_per_tensor:
+            candidates.append((node, source, users[0]))
+    if not candidates:
+        return 0
+    recorder = _QParamsRecorder(converted)
+    with torch.no_grad():
+        recorder.run(*example_inputs)
+    count = 0
+    for pad, dequantize, quantize in candidates:
+        quantized = dequantize.args[0]
+        if quantized in recorder.qparams and recorder.qparams[quantized] == recorder.qparams.get(quantize):
+            pad.replace_input_with(dequantize, quantized)
+            quantize.replace_all_uses_with(pad)
+            graph.erase_node(quantize)
+            count += 1
+    graph.eliminate_dead_code()
+    graph.lint()
+    converted.recompile()
+    return count
+
+
 def _requantizes(node: fx.Node, converted: fx.GraphModule) -> bool:
     """Whether ``node`` computes new values and rounds them onto its output grid (conv, linear, add,
     mul, quantize, ...), as opposed to moving or pooling its input's codes.
@@ -255,7 +292,8 @@ def convert_fx(graph_module: fx.GraphModule, convert_custom_config=None, _remove
             (``x86``/``fbgemm``: to float rounding). ``exact=False`` skips them: faster, but a
             sub-8-bit activation above its learned upper bound ``u`` is then clipped only at code
             255 — **not exact** (outputs differ from the QAT model).
-        example_inputs: inputs used to find the ops to clamp (default: those given to prepare).
+        example_inputs: inputs used to find the ops to clamp and the zero pads that can run on
+            quantized tensors (:func:`quantized_zero_padding`; default: those given to prepare).
         inplace: bake into ``graph_module`` itself (default: into a deep copy; the QAT model is
             left untouched).
 
@@ -288,6 +326,8 @@ def convert_fx(graph_module: fx.GraphModule, convert_custom_config=None, _remove
                                         backend_config=backend_config)
     converted.meta["daq_backend"] = backend
     converted.meta["daq_activation_clamps"] = 0
+    converted.meta["daq_quantized_pads"] = (quantized_zero_padding(converted, tuple(example_inputs))
+                                            if example_inputs is not None else 0)
     if exact:
         converted.meta["daq_activation_clamps"] = insert_activation_clamps(
             converted, grids, tuple(example_inputs), contiguous=(backend == "qnnpack"))

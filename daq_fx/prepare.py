@@ -120,6 +120,75 @@ def prepare_timm_model(model: nn.Module, relu6_to_relu: bool = True) -> nn.Modul
     return model
 
 
+def _same_padding_classes():
+    try:
+        from timm.layers import Conv2dSame
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return ()
+    return (Conv2dSame,)
+
+
+def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> Tuple[int, int]:
+    """TensorFlow "SAME" padding of one spatial dim as timm's ``pad_same`` applies it: (before, after)."""
+    total = max((-(-size // stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+@torch.no_grad()
+def static_same_padding(model: nn.Module, example_inputs: Tuple[Any, ...]) -> List[str]:
+    """Replace (in place) timm's ``Conv2dSame`` by the padding it applies at the example's input size.
+
+    ``Conv2dSame`` (timm's ``tf_*`` models: TensorFlow "SAME" padding) computes its padding from
+    the input size in ``forward``, which FX cannot trace. One eval-mode forward of
+    ``example_inputs`` records each one's input size; it becomes ``nn.Conv2d(padding=(p_h, p_w))``
+    where the padding is symmetric, else ``Sequential(pad=nn.ZeroPad2d((left, right, top,
+    bottom)), conv=nn.Conv2d(padding=0))`` (same parameters, the same output at that size;
+    Conv-BN still fuses, and the pad shares its input's quantizer: 0 lies on the DAQ grid). The
+    model is then specific to that input size, like timm's static "same" layers: prepare with
+    the size you deploy.
+
+    Returns:
+        The names of the replaced modules.
+    """
+    classes = _same_padding_classes()
+    targets = [(name, m) for name, m in model.named_modules() if name and classes and isinstance(m, classes)]
+    if not targets:
+        return []
+    sizes: Dict[str, Tuple[int, ...]] = {}
+
+    def record(name):
+        def hook(_, args):   # returns None: the input is left as is
+            sizes.setdefault(name, tuple(args[0].shape[-2:]))
+        return hook
+
+    hooks = [module.register_forward_pre_hook(record(name)) for name, module in targets]
+    was_training = model.training
+    model.eval()    # no BN statistics update, no dropout
+    try:
+        model(*example_inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    replaced = []
+    for name, conv in targets:
+        if name not in sizes:
+            continue   # not reached by the example: left as is (tracing names it if it is used)
+        (top, bottom), (left, right) = (_same_padding(*args) for args in
+                                        zip(sizes[name], conv.kernel_size, conv.stride, conv.dilation))
+        symmetric = top == bottom and left == right
+        plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                          (top, left) if symmetric else 0, conv.dilation, conv.groups, conv.bias is not None,
+                          device=conv.weight.device, dtype=conv.weight.dtype)
+        plain.weight, plain.bias = conv.weight, conv.bias
+        replacement = plain if symmetric else nn.Sequential(
+            OrderedDict(pad=nn.ZeroPad2d((left, right, top, bottom)), conv=plain))
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, replacement)
+        replaced.append(name)
+    return replaced
+
+
 def check_batchnorm(model: nn.Module) -> None:
     """Reject BatchNorm layers that break Conv-BN QAT, naming them.
 
@@ -444,7 +513,9 @@ def prepare_qat_fx(model: nn.Module, qconfig_mapping: QConfigMapping | Dict[str,
         prepare_custom_config, backend_config: as in torch.ao. ``backend_config=None`` uses torch's
             config for the backend with dropout sharing its input's qparams.
         backend: ``"x86"``, ``"fbgemm"`` or ``"qnnpack"``; default: the one the mapping was made for.
-        prepare_timm: replace ``BatchNormAct2d`` (and ``ReLU6`` if ``relu6_to_relu``) first.
+        prepare_timm: replace ``BatchNormAct2d`` (and ``ReLU6`` if ``relu6_to_relu``) first, and
+            timm's ``Conv2dSame`` by its padding at the size of ``example_inputs``
+            (:func:`static_same_padding`).
         inplace: modify ``model`` (default: work on a deep copy).
 
     Returns:
@@ -464,6 +535,7 @@ def prepare_qat_fx(model: nn.Module, qconfig_mapping: QConfigMapping | Dict[str,
         model = copy.deepcopy(model)
     if prepare_timm:
         prepare_timm_model(model, relu6_to_relu=relu6_to_relu)
+        static_same_padding(model, example_inputs)
     check_batchnorm(model)
     if backend_config is None:
         backend_config = get_daq_backend_config(backend)

@@ -140,10 +140,14 @@ def get_daq_qat_qconfig_mapping(backend: str = "x86", weight_bits: int = 4, act_
 
 
 def get_daq_backend_config(backend: str = "x86") -> BackendConfig:
-    """torch's ``BackendConfig`` for ``backend`` with dropout and flatten sharing their input's qparams.
+    """torch's ``BackendConfig`` for ``backend`` with dropout, flatten and zero padding sharing their
+    input's qparams.
 
     The lowered dropout does not requantize, so a separate output fake-quant would make the
     QAT and converted models diverge (INTEGRATION-NOTES); sharing the observer keeps them equal.
+    ``nn.ZeroPad2d`` (static "same" padding, :func:`daq_fx.static_same_padding`) adds the value 0,
+    which lies on every DAQ activation grid (integer-aligned zero point); the quantized pad writes
+    the zero point, so sharing is exact and avoids a second quantizer before the conv.
     """
     config = _BACKEND_CONFIGS[_check_backend(backend)]()
     dtype_configs = None
@@ -151,8 +155,8 @@ def get_daq_backend_config(backend: str = "x86") -> BackendConfig:
         if pattern_config.pattern is nn.Dropout:
             dtype_configs = pattern_config.dtype_configs
     # dropout: the lowered op does not requantize; flatten (method / nn.Flatten, e.g. timm's
-    # SelectAdaptivePool2d head) only reshapes: all keep their input's grid
-    for op in (nn.Dropout, torch.nn.functional.dropout, nn.Flatten, "flatten"):
+    # SelectAdaptivePool2d head) only reshapes; zero padding adds 0, a grid value: all keep their input's grid
+    for op in (nn.Dropout, torch.nn.functional.dropout, nn.Flatten, "flatten", nn.ZeroPad2d):
         config.set_backend_pattern_config(
             BackendPatternConfig(op)
             .set_observation_type(ObservationType.OUTPUT_SHARE_OBSERVER_WITH_INPUT)

@@ -202,6 +202,50 @@ def test_exact_clamps_also_where_consecutive_grids_are_equal():
     assert bit_exact_fraction(expected, got) >= 0.95
 
 
+class _SamePadded(nn.Module):
+    """timm's TensorFlow-"SAME" convs: stride 2 (asymmetric padding at 12x12) and stride 1 (symmetric)."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers import Conv2dSame
+        self.conv1, self.bn1 = Conv2dSame(3, 8, 3, stride=2, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = Conv2dSame(8, 8, 3, stride=1, groups=8, bias=False), nn.BatchNorm2d(8)
+        self.act1, self.act2, self.fc = nn.ReLU(), nn.ReLU(), nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.act2(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_conv2d_same_gets_static_padding_and_converts_exactly():
+    torch.manual_seed(0)
+    model = _SamePadded()
+    calibrate_batchnorm(model, lambda: torch.randn(16, 3, 12, 12))
+    x = torch.randn(32, 3, 12, 12)
+    static = copy.deepcopy(model)
+    assert daq_fx.static_same_padding(static, (x[:1],)) == ["conv1", "conv2"]
+    assert isinstance(static.conv1, nn.Sequential) and static.conv1.pad.padding == (0, 1, 0, 1)
+    assert type(static.conv2) is nn.Conv2d and static.conv2.padding == (1, 1)
+    with torch.no_grad():
+        assert torch.equal(static.eval()(x), model.eval()(x))    # the same function at this size
+
+    qat = _prepared(model)   # prepare_qat_fx applies it; it used to fail tracing Conv2dSame
+    assert type(qat.conv1.conv).__name__ == "ConvBnReLU2d"          # Conv-BN-ReLU still fuses
+    qat.eval()
+    with torch.no_grad():
+        expected = qat(x)
+    int8 = daq_fx.convert_fx(qat)
+    pad_inputs = []
+    hook = int8.conv1.pad.register_forward_pre_hook(lambda _, args: pad_inputs.append(args[0]))
+    with torch.no_grad():
+        got = int8(x)
+    hook.remove()
+    # the pad shares its input's quantizer and runs on the quantized tensor: no float round trip
+    assert int8.meta["daq_quantized_pads"] == 1 and pad_inputs[0].is_quantized
+    assert bit_exact_fraction(expected, got) >= 0.95
+
+
 def test_eval_batchnorm_is_independent_of_batch_composition():
     qat = _prepared()
     _train_steps(qat)

@@ -27,9 +27,11 @@ SIZE = 32
 #: 0.867 / 0.961 / 0.984 / 0.930 (lowest over seeds 0-2: 0.945 / 0.805 / 0.922 / 0.984 / 0.922), on an
 #: AMD EPYC VM 0.977 / 0.750 / 0.914 / 0.852 / 0.984 (see docs/fx.md, "Backends"). The bugs these tests
 #: caught converted 0-67 % of samples bit-exactly.
+#: tf_efficientnet_b0 (TensorFlow "SAME" padding, timm's Conv2dSame → daq_fx.static_same_padding): 1.000 (AMD).
 EXACT_SAMPLES = {"mobilenetv2_100": 0.9, "resnet18": 0.7, "efficientnet_b0": 0.85,
-                 "mobilenetv3_large_100": 0.8, "regnety_002": 0.85}
-MODELS = ["mobilenetv2_100", "resnet18", "efficientnet_b0", "mobilenetv3_large_100", "regnety_002"]
+                 "mobilenetv3_large_100": 0.8, "regnety_002": 0.85, "tf_efficientnet_b0": 0.85}
+MODELS = ["mobilenetv2_100", "resnet18", "efficientnet_b0", "mobilenetv3_large_100", "regnety_002",
+          "tf_efficientnet_b0"]
 
 
 def _qat_model(name, weight_bits=4, act_bits=4, steps=2):
