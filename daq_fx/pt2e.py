@@ -136,6 +136,20 @@ _SHARED = {aten.max_pool2d.default, aten.max_pool1d.default, aten.avg_pool2d.def
            aten.adaptive_avg_pool2d.default, aten.mean.dim, aten.flatten.using_ints, aten.dropout.default,
            aten.view.default, aten.reshape.default, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default,
            aten.permute.default, aten.clone.default, aten.contiguous.default}
+#: padding ops; a zero pad adds 0, a value of every DAQ activation grid, so it shares its input's
+#: quantizer too (as in the FX flow: timm's TensorFlow-"SAME" convs export to ``aten.pad``)
+_PAD = {aten.pad.default, aten.constant_pad_nd.default}
+
+
+def _is_zero_pad(node: fx.Node) -> bool:
+    if node.target not in _PAD:
+        return False
+    if node.target is aten.pad.default:   # pad(x, pad, mode="constant", value=None)
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
+        return mode == "constant" and (value is None or value == 0)
+    value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)   # constant_pad_nd(x, pad, value=0)
+    return value == 0
 
 
 def _is_float_tensor_node(node: Any) -> bool:
@@ -260,7 +274,7 @@ class DAQQuantizer(Quantizer):
                 if relu is not None:
                     _annotate(relu, output_qspec=act)
                 quantized.add(relu or node)
-            elif node.target in _SHARED:
+            elif node.target in _SHARED or _is_zero_pad(node):
                 source = node.args[0]
                 if not isinstance(source, fx.Node) or source not in quantized:
                     continue

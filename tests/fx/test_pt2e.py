@@ -145,6 +145,44 @@ def test_small_net_prepare_train_convert(per_channel):
     assert top1 >= 0.98 and cos >= 0.999, (top1, cos)
 
 
+class _PaddedNet(nn.Module):
+    """Conv-BN-ReLU, then TensorFlow-"SAME" zero padding (timm's Conv2dSame exports to aten.pad) before
+    a stride-2 conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, stride=2, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(nn.functional.pad(x, (0, 1, 0, 1)))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_zero_pad_shares_its_input_quantizer():
+    """A zero pad adds 0, which lies on the DAQ grid: no second quantizer between the pad and the conv
+    (as in FX), and the converted model still matches the QAT model."""
+    torch.manual_seed(0)
+    model = calibrate_batchnorm(_PaddedNet(), lambda: torch.randn(8, 3, SMALL, SMALL))
+    qat = pt2e.prepare_qat_pt2e(pt2e.export_for_qat(model, (torch.randn(2, 3, SMALL, SMALL),)), pt2e.DAQQuantizer(4, 4))
+    pad = next(n for n in qat.graph.nodes if n.op == "call_function" and "pad" in str(n.target))
+    before, after = pad.args[0], next(iter(pad.users))
+    assert before.op == after.op == "call_module"
+    assert qat.get_submodule(before.target) is qat.get_submodule(after.target)
+    # x, conv1-bn-relu (shared by the pad), conv2-bn-relu (shared by the mean), fc
+    activations = {id(m) for m in qat.modules() if isinstance(m, pt2e.DAQFakeQuantizePT2E) and not m.is_weight}
+    assert len(activations) == 4
+    qat(torch.randn(8, 3, SMALL, SMALL))
+    pt2e.move_exported_model_to_eval(qat)
+    x = torch.randn(64, 3, SMALL, SMALL)
+    with torch.no_grad():
+        expected, got = qat(x), pt2e.convert_pt2e(qat)(x)
+    top1, cos = agreement(expected, got)
+    assert top1 >= 0.98 and cos >= 0.999, (top1, cos)
+
+
 def test_float_module_names_stay_float():
     torch.manual_seed(0)
     model = calibrate_batchnorm(_SmallNet(), lambda: torch.randn(8, 3, SMALL, SMALL))
