@@ -9,9 +9,9 @@ Two facts about torch.ao's lowering make a plain ``convert_fx`` silently wrong f
    1 otherwise) and the weight fake-quant is switched off. BN folding then reproduces
    ``fq(W · f)`` to ~1 ulp and ``round`` lands exactly on the odd-integer grid.
 2. Lowered int8 kernels saturate at 0..255, not at the fake-quant's ``quant_max = 2^b - 1``.
-   With ``exact=True`` a quantized ``clamp`` is inserted after every op that produces new
-   quantized values (its output qparams differ from its inputs'), restoring the
-   fake-quant's clip at ``u``.
+   With ``exact=True`` a quantized clamp (in-place ``F.hardtanh``) is inserted after every op
+   that produces new quantized values (its output qparams differ from its inputs'), restoring
+   the fake-quant's clip at ``u``.
 """
 
 from __future__ import annotations
@@ -233,14 +233,18 @@ def _requantizes(node: fx.Node, converted: fx.GraphModule) -> bool:
 
 def insert_activation_clamps(converted: fx.GraphModule, grids, example_inputs: Tuple[Any, ...],
                              contiguous: bool = False) -> int:
-    """Insert ``torch.clamp`` after every op whose quantized output lies on a sub-8-bit DAQ grid.
+    """Insert a quantized clamp after every op whose quantized output lies on a sub-8-bit DAQ grid.
 
     Which ops: those that requantize (quantize_per_tensor, conv, linear, add, mul, hardswish, ...)
     and any other op whose output (scale, zero point) differs from those of all its quantized
     inputs, found by running ``example_inputs`` through ``converted``; ops that only move or pool
     values of an input on the same grid keep them in range.
     The clamp bounds are the grid's codes ``0`` and ``quant_max`` (±¼ step of margin against
-    float rounding; the quantized clamp re-rounds them to those codes).
+    float rounding; the quantized clamp re-rounds them to those codes). The clamp is
+    ``F.hardtanh(x, min, max, inplace=True)``: on quantized tensors it writes ``torch.clamp``'s
+    codes, in the op's own output (every user of which now reads the clamp), so no tensor is
+    allocated (mobilenetv2_100 224 px batch 8, 65 clamps: ~1.2 ms of ~25 ms faster than
+    ``torch.clamp`` in an interleaved A/B, 1 and 2 threads).
 
     Returns:
         The number of clamps inserted.
@@ -270,8 +274,9 @@ def insert_activation_clamps(converted: fx.GraphModule, grids, example_inputs: T
             if contiguous:
                 source = graph.call_method("contiguous", (node,))
             with graph.inserting_after(source):
-                clamp = graph.call_function(torch.clamp, (source,), {
-                    "min": (-zero_point - 0.25) * scale, "max": (quant_max - zero_point + 0.25) * scale})
+                clamp = graph.call_function(nn.functional.hardtanh, (source,), {
+                    "min_val": (-zero_point - 0.25) * scale, "max_val": (quant_max - zero_point + 0.25) * scale,
+                    "inplace": True})
         for user in users:
             user.replace_input_with(node, clamp)
         count += 1

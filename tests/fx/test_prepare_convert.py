@@ -194,7 +194,8 @@ def test_exact_clamps_also_where_consecutive_grids_are_equal():
     with torch.no_grad():
         expected = qat(x)
     exact = daq_fx.convert_fx(qat, exact=True)
-    clamped = {n.args[0].target for n in exact.graph.nodes if n.target is torch.clamp and n.args[0].op == "call_module"}
+    clamped = {n.args[0].target for n in exact.graph.nodes
+               if n.target is nn.functional.hardtanh and n.args[0].op == "call_module"}
     assert {"conv1", "conv2"} <= clamped
     with torch.no_grad():
         got = exact(x)
@@ -317,6 +318,26 @@ def test_mapping_rejects_8_bit_weights():
         daq_fx.get_daq_qat_qconfig_mapping(weight_bits=8)
     with pytest.raises(ValueError, match="backend"):
         daq_fx.get_daq_qat_qconfig_mapping(backend="tensorrt")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("zero_point", [0, 5, 15])
+def test_inplace_hardtanh_clamps_quantized_codes_like_clamp(zero_point, channels_last):
+    """convert_fx clamps with in-place quantized F.hardtanh (no allocation): it must write
+    torch.clamp's codes and keep qparams and layout, with the ±¼-step bounds it is given."""
+    torch.manual_seed(zero_point)
+    scale, quant_max = 0.07, 15
+    x = torch.quantize_per_tensor(3 * torch.randn(4, 16, 9, 9), scale, zero_point, torch.quint8)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    low, high = (-zero_point - 0.25) * scale, (quant_max - zero_point + 0.25) * scale
+    clamped = torch.clamp(x, min=low, max=high)
+    out = nn.functional.hardtanh(x, low, high, inplace=True)
+    assert out.data_ptr() == x.data_ptr()                      # in place
+    assert torch.equal(out.int_repr(), clamped.int_repr())
+    assert (out.q_scale(), out.q_zero_point()) == (clamped.q_scale(), clamped.q_zero_point())
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert int(out.int_repr().max()) == quant_max and int(out.int_repr().min()) == 0
 
 
 @pytest.mark.parametrize("backend", ["fbgemm", "qnnpack"])
