@@ -3,7 +3,8 @@
 * training step time, DAQ QAT ÷ torch's default ``FakeQuantize`` QAT (target ≤ 1.25);
 * peak training memory, DAQ ÷ default (target ≤ 1.25);
 * converted int8 latency on x86, ``exact=True`` and ``exact=False``, ÷ float eager
-  (targets for mobilenetv2_100: exact ≤ 0.4, fast ≤ 0.3).
+  (targets for mobilenetv2_100: exact ≤ 0.4, fast ≤ 0.3); also all of them TorchScript-frozen
+  (int8 frozen ÷ float frozen, reported beside the targets' eager ratios).
 
 Both QAT models are prepared by ``daq_fx.prepare_qat_fx`` (same timm surgery, same
 graph); only the qconfig mapping differs (``daq_fx.get_daq_qat_qconfig_mapping("x86", 4, 4)``,
@@ -207,14 +208,28 @@ def measure_peak_memory(model_name: str, size: int, batch: int, threads: int = 2
             "method": "in-process RSS" if in_process_steps is not None else "RSS, one subprocess per flavour"}
 
 
+def _frozen(model, example):
+    """``torch.jit.freeze(torch.jit.trace(model, example))`` (deprecated in torch 2.14: warnings muted)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.freeze(torch.jit.trace(model.eval(), example).eval())
+
+
 def measure_latency(daq_qat_model, model_name: str, size: int, batch: int, repeats: int = 20,
-                    num_classes=None) -> dict:
+                    num_classes=None, frozen: bool = True) -> dict:
     """Converted int8 (x86) latency, ``exact=True`` and ``exact=False``, against the float eager model.
 
     The float baseline is the faster of the eager model in the default (NCHW) layout and in
     ``channels_last`` (model and input): on CPU the two differ by up to 2x (mkldnn's depthwise
     convolutions are much faster in ``channels_last``), so comparing with NCHW alone would
     flatter the int8 model. Both float times are reported.
+
+    ``frozen=True`` also times every model TorchScript-traced and frozen (the classic deployment
+    form of a torch.ao int8 model: no Python between ops) and reports int8 frozen ÷ float frozen
+    in its faster layout, like for like; ``frozen_matches_eager`` records that the frozen int8
+    models return exactly the eager int8 models' outputs.
     """
     import daq_fx
 
@@ -226,9 +241,14 @@ def measure_latency(daq_qat_model, model_name: str, size: int, batch: int, repea
     x = torch.randn(batch, 3, size, size)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     samples = {}
-    runs = (("float_nchw", float_model, x), ("float_channels_last", float_cl, x_cl), ("exact", exact, x),
-            ("fast", fast, x))
+    runs = [("float_nchw", float_model, x), ("float_channels_last", float_cl, x_cl), ("exact", exact, x),
+            ("fast", fast, x)]
     with torch.no_grad():
+        if frozen:
+            frozen_models = {name: _frozen(model, inp) for name, model, inp in runs}
+            frozen_matches = all(torch.equal(frozen_models[name](x), model(x))
+                                 for name, model in (("exact", exact), ("fast", fast)))
+            runs += [(f"frozen_{name}", frozen_models[name], inp) for name, _, inp in list(runs)]
         for name, model, inp in runs:
             _time(lambda: model(inp), 3)
         for _ in range(repeats):   # interleaved
@@ -236,19 +256,33 @@ def measure_latency(daq_qat_model, model_name: str, size: int, batch: int, repea
                 samples.setdefault(name, []).extend(_time(lambda: model(inp), 1))
     lat = {k: statistics.median(v) for k, v in samples.items()}
     baseline = min(("float_nchw", "float_channels_last"), key=lat.get)
-    return {"float_s": lat[baseline], "float_layout": baseline.removeprefix("float_"),
-            "float_nchw_s": lat["float_nchw"], "float_channels_last_s": lat["float_channels_last"],
-            "exact_s": lat["exact"], "fast_s": lat["fast"],
-            "ratio_exact": lat["exact"] / lat[baseline], "ratio_fast": lat["fast"] / lat[baseline],
-            "activation_clamps": exact.meta.get("daq_activation_clamps"), "repeats": repeats}
+    out = {"float_s": lat[baseline], "float_layout": baseline.removeprefix("float_"),
+           "float_nchw_s": lat["float_nchw"], "float_channels_last_s": lat["float_channels_last"],
+           "exact_s": lat["exact"], "fast_s": lat["fast"],
+           "ratio_exact": lat["exact"] / lat[baseline], "ratio_fast": lat["fast"] / lat[baseline],
+           "activation_clamps": exact.meta.get("daq_activation_clamps"), "repeats": repeats}
+    if frozen:
+        fbase = min(("frozen_float_nchw", "frozen_float_channels_last"), key=lat.get)
+        out["frozen"] = {"float_s": lat[fbase], "float_layout": fbase.removeprefix("frozen_float_"),
+                         "float_nchw_s": lat["frozen_float_nchw"],
+                         "float_channels_last_s": lat["frozen_float_channels_last"],
+                         "exact_s": lat["frozen_exact"], "fast_s": lat["frozen_fast"],
+                         "ratio_exact": lat["frozen_exact"] / lat[fbase],
+                         "ratio_fast": lat["frozen_fast"] / lat[fbase],
+                         "matches_eager": frozen_matches}
+    return out
 
 
 def run(model_name: str, size: int, batch: int, *, steps: int = 5, threads: int = 2, compile: bool = True,
-        latency_repeats: int = 20, num_classes=None, memory_subprocess: bool = True, log=print) -> dict:
+        latency_repeats: int = 20, num_classes=None, memory_subprocess: bool = True, latency: bool = True,
+        log=print) -> dict:
     """All three measurements for one model; ``log`` gets one human-readable line per figure.
 
     The caller sets ``torch.set_num_threads``, the quantized engine and the DAQ kernels.
     ``memory_subprocess=False`` samples memory in this process (see :func:`measure_peak_memory`).
+    Latency is measured last; ``latency=False`` skips it and leaves the QAT model in
+    ``result["train_step"]["daq_model"]`` for the caller to measure later (``benchmarks/cost.py``
+    times every model's training first, then every model's latency).
     """
     log(f"{model_name} {size}x{size}, batch {batch}, {threads} threads,"
         f" DAQ kernels {'compiled' if compile else 'eager'}; torch {torch.__version__}")
@@ -262,14 +296,27 @@ def run(model_name: str, size: int, batch: int, *, steps: int = 5, threads: int 
     del step_fns
     log(f"peak training-step memory (RSS above pre-step): DAQ {mem['daq_bytes'] / 2**20:.0f} MiB,"
         f" default {mem['default_bytes'] / 2**20:.0f} MiB -> ratio {mem['ratio']:.2f} (target <= 1.25)")
+    if not latency:
+        return {"model": model_name, "size": size, "batch": batch, "train_step": step, "memory": mem}
     lat = measure_latency(step.pop("daq_model"), model_name, size, batch, latency_repeats, num_classes)
+    log_latency(lat, batch, log)
+    return {"model": model_name, "size": size, "batch": batch, "train_step": step, "memory": mem, "latency": lat}
+
+
+def log_latency(lat: dict, batch: int, log=print) -> None:
+    """One human-readable line per latency figure of :func:`measure_latency`."""
     log(f"inference batch {batch}: float eager {lat['float_nchw_s'] * 1e3:.1f} ms (NCHW),"
         f" {lat['float_channels_last_s'] * 1e3:.1f} ms (channels_last),"
         f" int8 x86 exact {lat['exact_s'] * 1e3:.1f} ms ({lat['activation_clamps']} clamps),"
         f" fast {lat['fast_s'] * 1e3:.1f} ms")
     log(f"latency ratio vs float eager ({lat['float_layout']}, the faster): exact {lat['ratio_exact']:.2f}"
         f" (target <= 0.4), fast {lat['ratio_fast']:.2f} (target <= 0.3)")
-    return {"model": model_name, "size": size, "batch": batch, "train_step": step, "memory": mem, "latency": lat}
+    if "frozen" in lat:
+        fz = lat["frozen"]
+        log(f"TorchScript-frozen: float {fz['float_s'] * 1e3:.1f} ms ({fz['float_layout']}), int8 exact"
+            f" {fz['exact_s'] * 1e3:.1f} ms, fast {fz['fast_s'] * 1e3:.1f} ms -> ratio exact"
+            f" {fz['ratio_exact']:.2f}, fast {fz['ratio_fast']:.2f}; same outputs as eager int8:"
+            f" {fz['matches_eager']}")
 
 
 def main(argv=None) -> dict:

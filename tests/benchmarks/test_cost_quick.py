@@ -19,6 +19,7 @@ def test_quick_run_writes_wellformed_ratios(tmp_path):
     out = tmp_path / "cost.json"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("DAQ_COMPILE", None)
+    env["MALLOC_ARENA_MAX"] = "2"   # recorded, not interpreted
     r = subprocess.run([sys.executable, "-m", "benchmarks.cost", "--quick", "--output", str(out)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -26,6 +27,7 @@ def test_quick_run_writes_wellformed_ratios(tmp_path):
     results = json.loads(out.read_text())
 
     assert results["mode"] == "quick"
+    assert results["malloc_env"].get("MALLOC_ARENA_MAX") == "2"
     assert set(results["models"]) == set(cost.MODEL_NAMES)
     for name in cost.MODEL_NAMES:
         model = results["models"][name]
@@ -56,3 +58,9 @@ def test_quick_run_writes_wellformed_ratios(tmp_path):
         assert lat["float_s"] == min(lat["float_nchw_s"], lat["float_channels_last_s"])
         assert lat["float_layout"] in ("nchw", "channels_last")
         assert math.isclose(results["ratios"][f"{name}/latency_exact"], lat["exact_s"] / lat["float_s"])
+        # TorchScript-frozen: like for like (int8 frozen ÷ float frozen), same int8 outputs, no target
+        fz = lat["frozen"]
+        assert fz["matches_eager"] is True
+        assert fz["float_s"] == min(fz["float_nchw_s"], fz["float_channels_last_s"])
+        assert math.isclose(results["ratios"][f"{name}/latency_fast_frozen"], fz["fast_s"] / fz["float_s"])
+        assert results["targets"][f"{name}/latency_exact_frozen"] is None

@@ -323,7 +323,7 @@ def test_mapping_rejects_8_bit_weights():
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("zero_point", [0, 5, 15])
 def test_inplace_hardtanh_clamps_quantized_codes_like_clamp(zero_point, channels_last):
-    """convert_fx clamps with in-place quantized F.hardtanh (no allocation): it must write
+    """convert_fx clamps with in-place quantized F.hardtanh: it must write
     torch.clamp's codes and keep qparams and layout, with the ±¼-step bounds it is given."""
     torch.manual_seed(zero_point)
     scale, quant_max = 0.07, 15
