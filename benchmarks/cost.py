@@ -17,8 +17,8 @@
    its mmap threshold (up to 32 MiB, raised dynamically as the process frees large blocks) with
    fresh pages, so each inference pays page faults whose number depends on the process's
    history; ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824`` in the environment removes
-   them. The ``MALLOC_*`` variables in effect are recorded in the results. The same four models TorchScript-traced
-   and frozen (``torch.jit.freeze(torch.jit.trace(...))``, no Python between ops) are timed
+   them. The ``MALLOC_*`` variables in effect are recorded in the results. The same four
+   models TorchScript-traced and frozen (``torch.jit.freeze(torch.jit.trace(...))``, no Python between ops) are timed
    too and int8 frozen ÷ float frozen is reported without a target, beside the eager ratios.
 
 Full mode compiles the DAQ kernels (``daq_core.use_compiled_kernels(True)``) and writes
@@ -175,30 +175,24 @@ def main(argv=None) -> dict:
     # latency last, for every model after all training (the same allocator history for each)
     for name, r in model_results.items():
         t0 = time.perf_counter()
-        r["latency"] = fx_cost.measure_latency(r["train_step"].pop("daq_model"), name, r["size"], r["batch"],
-                                               repeats, fx_cost.MODELS.get(name, {}).get("num_classes"))
-        fx_cost.log_latency(r["latency"], r["batch"], log=lambda line: print(f"  {name}: " + line, flush=True))
+        lat = r["latency"] = fx_cost.measure_latency(r["train_step"].pop("daq_model"), name, r["size"], r["batch"],
+                                                     repeats, fx_cost.MODELS.get(name, {}).get("num_classes"))
+        fx_cost.log_latency(lat, r["batch"], log=lambda line: print(f"  {name}: " + line, flush=True))
         r["wall_s"] += time.perf_counter() - t0
-    for name, r in model_results.items():
-        spec = {"size": r["size"], "batch": r["batch"]}
-        st, mem, lat = r["train_step"], r["memory"], r["latency"]
-        ratios.update({f"{name}/train_step": st["ratio"], f"{name}/memory": mem["ratio"],
-                       f"{name}/latency_exact": lat["ratio_exact"], f"{name}/latency_fast": lat["ratio_fast"],
-                       f"{name}/latency_exact_frozen": lat["frozen"]["ratio_exact"],
-                       f"{name}/latency_fast_frozen": lat["frozen"]["ratio_fast"]})
-        shape = f"{spec['size']}x{spec['size']} b{spec['batch']}"
+        st, mem = r["train_step"], r["memory"]
+        ratios.update({f"{name}/train_step": st["ratio"], f"{name}/memory": mem["ratio"]})
+        shape = f"{r['size']}x{r['size']} b{r['batch']}"
         rows += [(f"{name}/train_step", f"{name} train step ({shape})", _ms(st["daq_s"]),
                   f"default QAT {_ms(st['default_s'])}", st["ratio"]),
                  (f"{name}/memory", f"{name} peak train memory", _mib(mem["daq_bytes"]),
-                  f"default QAT {_mib(mem['default_bytes'])}", mem["ratio"]),
-                 (f"{name}/latency_exact", f"{name} int8 x86 exact", _ms(lat["exact_s"]),
-                  f"float eager {lat['float_layout']} {_ms(lat['float_s'])}", lat["ratio_exact"]),
-                 (f"{name}/latency_fast", f"{name} int8 x86 fast", _ms(lat["fast_s"]),
-                  f"float eager {lat['float_layout']} {_ms(lat['float_s'])}", lat["ratio_fast"])]
-        fz = lat["frozen"]
-        rows += [(f"{name}/latency_{kind}_frozen", f"{name} int8 x86 {kind}, frozen", _ms(fz[f"{kind}_s"]),
-                  f"float frozen {fz['float_layout']} {_ms(fz['float_s'])}", fz[f"ratio_{kind}"])
-                 for kind in ("exact", "fast")]
+                  f"default QAT {_mib(mem['default_bytes'])}", mem["ratio"])]
+        for form, suffix, figures in (("eager", "", lat), ("frozen", "_frozen", lat["frozen"])):
+            for kind in ("exact", "fast"):
+                key = f"{name}/latency_{kind}{suffix}"
+                ratios[key] = figures[f"ratio_{kind}"]
+                rows.append((key, f"{name} int8 x86 {kind}" + (", frozen" if suffix else ""),
+                             _ms(figures[f"{kind}_s"]),
+                             f"float {form} {figures['float_layout']} {_ms(figures['float_s'])}", ratios[key]))
 
     wall = time.perf_counter() - t_start
     print()

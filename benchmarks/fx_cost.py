@@ -228,8 +228,8 @@ def measure_latency(daq_qat_model, model_name: str, size: int, batch: int, repea
 
     ``frozen=True`` also times every model TorchScript-traced and frozen (the classic deployment
     form of a torch.ao int8 model: no Python between ops) and reports int8 frozen ÷ float frozen
-    in its faster layout, like for like; ``frozen_matches_eager`` records that the frozen int8
-    models return exactly the eager int8 models' outputs.
+    in its faster layout, like for like, under ``"frozen"``; ``["frozen"]["matches_eager"]``
+    records that the frozen int8 models return exactly the eager int8 models' outputs.
     """
     import daq_fx
 
@@ -255,22 +255,22 @@ def measure_latency(daq_qat_model, model_name: str, size: int, batch: int, repea
             for name, model, inp in runs:
                 samples.setdefault(name, []).extend(_time(lambda: model(inp), 1))
     lat = {k: statistics.median(v) for k, v in samples.items()}
-    baseline = min(("float_nchw", "float_channels_last"), key=lat.get)
-    out = {"float_s": lat[baseline], "float_layout": baseline.removeprefix("float_"),
-           "float_nchw_s": lat["float_nchw"], "float_channels_last_s": lat["float_channels_last"],
-           "exact_s": lat["exact"], "fast_s": lat["fast"],
-           "ratio_exact": lat["exact"] / lat[baseline], "ratio_fast": lat["fast"] / lat[baseline],
-           "activation_clamps": exact.meta.get("daq_activation_clamps"), "repeats": repeats}
+    out = _latency_figures(lat)
+    out.update(activation_clamps=exact.meta.get("daq_activation_clamps"), repeats=repeats)
     if frozen:
-        fbase = min(("frozen_float_nchw", "frozen_float_channels_last"), key=lat.get)
-        out["frozen"] = {"float_s": lat[fbase], "float_layout": fbase.removeprefix("frozen_float_"),
-                         "float_nchw_s": lat["frozen_float_nchw"],
-                         "float_channels_last_s": lat["frozen_float_channels_last"],
-                         "exact_s": lat["frozen_exact"], "fast_s": lat["frozen_fast"],
-                         "ratio_exact": lat["frozen_exact"] / lat[fbase],
-                         "ratio_fast": lat["frozen_fast"] / lat[fbase],
-                         "matches_eager": frozen_matches}
+        out["frozen"] = _latency_figures(lat, "frozen_")
+        out["frozen"]["matches_eager"] = frozen_matches
     return out
+
+
+def _latency_figures(lat: dict, prefix: str = "") -> dict:
+    """Medians of one form (eager, or ``prefix="frozen_"``) -> times and int8 ÷ faster-float ratios."""
+    nchw, channels_last = lat[f"{prefix}float_nchw"], lat[f"{prefix}float_channels_last"]
+    float_s = min(nchw, channels_last)
+    exact, fast = lat[f"{prefix}exact"], lat[f"{prefix}fast"]
+    return {"float_s": float_s, "float_layout": "nchw" if nchw <= channels_last else "channels_last",
+            "float_nchw_s": nchw, "float_channels_last_s": channels_last, "exact_s": exact, "fast_s": fast,
+            "ratio_exact": exact / float_s, "ratio_fast": fast / float_s}
 
 
 def run(model_name: str, size: int, batch: int, *, steps: int = 5, threads: int = 2, compile: bool = True,
