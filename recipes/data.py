@@ -3,10 +3,14 @@
 ``--data`` accepts
 
 * a directory in ImageNet layout: ``ROOT/train/<class>/*.jpg`` and ``ROOT/val/<class>/*.jpg``;
-* ``cifar10``: an ImageFolder copy of the CIFAR-10 training images (``ROOT/train/<class>/``,
-  e.g. the project's ``cifar10-jpeg-train.tar.gz`` extracted into ``~/.cache/daq/cifar10-jpeg``)
-  with a validation split carved from it (the last ``val_per_class`` images of each class), or
-  torchvision's downloader when ``--download`` is given and the machine is online;
+* ``cifar10``: an ImageFolder copy of the CIFAR-10 images, ``ROOT/train/<class>/`` and, when
+  present, ``ROOT/test/<class>/`` (the project's ``cifar10-jpeg-train.tar.gz`` and
+  ``cifar10-jpeg-test-a.tar.gz`` extracted into one root, ``~/.cache/daq/cifar10-jpeg`` by
+  default). Training always uses the training images minus a split carved from them (the last
+  ``val_per_class`` images of each class). Evaluation (``eval_split``): ``"test"`` — the unseen
+  test images, the default whenever ``ROOT/test/`` exists; ``"carved"`` — the carved split, for
+  tuning only (the shared pretrained ResNet-20 was trained on those images). Or torchvision's
+  downloader when ``--download`` is given and the machine is online (official test split);
 * ``fashion-mnist``: the IDX files of the Debian/Ubuntu package ``dataset-fashion-mnist``
   (``/usr/share/datasets/fashion-mnist``), or torchvision's downloader with ``--download``.
   The official 10k test split is the validation set. Grey images are repeated to 3 channels.
@@ -53,6 +57,9 @@ class DataBundle:
     img_size: int
     in_memory: bool
     description: str
+    #: which images ``val`` holds: ``"test"`` (unseen test images), ``"carved"`` (a split carved from
+    #: the training images: for tuning only) or ``"val"`` (an ImageFolder root's own val/)
+    eval_split: str = "val"
 
 
 # --------------------------------------------------------------------------------------
@@ -142,7 +149,7 @@ def load_fashion_mnist(img_size: int, data_root: Optional[str] = None, download:
             return DataBundle(
                 TensorImageDataset(xtr, ytr, img_size, FMNIST_MEAN, FMNIST_STD, train=True),
                 TensorImageDataset(xva, yva, img_size, FMNIST_MEAN, FMNIST_STD, train=False),
-                10, img_size, True, f"Fashion-MNIST ({root}; val = official test split)")
+                10, img_size, True, f"Fashion-MNIST ({root}; eval = official test split)", "test")
     if download:
         import torchvision
         dst = DEFAULT_CACHE / "torchvision"
@@ -227,43 +234,73 @@ def read_cifar10_archive(path, per_class: int) -> Tuple[torch.Tensor, torch.Tens
             torch.tensor([classes.index(c) for c in names]))
 
 
+#: ``eval_split`` values of :func:`load_cifar10`
+EVAL_SPLITS = ("auto", "test", "carved")
+
+
+def _cached_images(split_dir: Path, cache: Path):
+    """Decode an ImageFolder split once into a uint8 tensor, cached beside it (best effort)."""
+    classes, samples = _list_image_folder(split_dir)
+    images = None
+    if cache.is_file():
+        try:
+            blob = torch.load(cache, map_location="cpu", weights_only=True)
+            if blob["n"] == len(samples):
+                images = blob["images"]
+        except Exception:
+            images = None
+    if images is None:
+        images = _decode_all(samples)
+        try:  # best effort: a read-only root just skips the cache
+            tmp = cache.with_suffix(f".tmp{os.getpid()}")
+            torch.save({"n": len(samples), "images": images}, tmp)
+            os.replace(tmp, cache)
+        except OSError:
+            pass
+    return classes, images, torch.tensor([c for _, c in samples])
+
+
+def _extract_hint(root: Path) -> str:
+    return (f"`mkdir -p {root} && tar xzf cifar10-jpeg-train.tar.gz -C {root} && tar xzf"
+            f" cifar10-jpeg-test-a.tar.gz -C {root}`")
+
+
 def load_cifar10(img_size: int, data_root: Optional[str] = None, download: bool = False,
-                 val_per_class: int = 500) -> DataBundle:
+                 val_per_class: int = 500, eval_split: str = "auto") -> DataBundle:
+    """CIFAR-10 train/eval datasets; ``eval_split`` picks the evaluation images (see the module doc)."""
+    if eval_split not in EVAL_SPLITS:
+        raise DataError(f"eval_split must be one of {', '.join(EVAL_SPLITS)}, got {eval_split!r}")
     root = Path(data_root) if data_root else DEFAULT_CACHE / "cifar10-jpeg"
     if (root / "train").is_dir():
-        cache = root / f".daq-cache-v1.pt"
-        classes, samples = _list_image_folder(root / "train")
+        classes, images, labels = _cached_images(root / "train", root / ".daq-cache-v1.pt")
         if len(classes) != 10:
             raise DataError(f"{root / 'train'} has {len(classes)} classes; CIFAR-10 has 10")
-        images = None
-        if cache.is_file():
-            try:
-                blob = torch.load(cache, map_location="cpu", weights_only=True)
-                if blob["n"] == len(samples):
-                    images = blob["images"]
-            except Exception:
-                images = None
-        if images is None:
-            images = _decode_all(samples)
-            try:  # best effort: a read-only root just skips the cache
-                tmp = cache.with_suffix(f".tmp{os.getpid()}")
-                torch.save({"n": len(samples), "images": images}, tmp)
-                os.replace(tmp, cache)
-            except OSError:
-                pass
-        labels = torch.tensor([c for _, c in samples])
-        val_mask = torch.zeros(len(samples), dtype=torch.bool)
+        val_mask = torch.zeros(len(labels), dtype=torch.bool)
         for c in range(10):
             idx = (labels == c).nonzero().flatten()
             if len(idx) <= val_per_class:
                 raise DataError(f"class {classes[c]} has only {len(idx)} images; cannot carve {val_per_class}"
                                 f" validation images from it")
             val_mask[idx[-val_per_class:]] = True
+        train = TensorImageDataset(images[~val_mask], labels[~val_mask], img_size, CIFAR_MEAN, CIFAR_STD, True)
+        use_test = eval_split == "test" or (eval_split == "auto" and (root / "test").is_dir())
+        if not use_test:
+            return DataBundle(
+                train, TensorImageDataset(images[val_mask], labels[val_mask], img_size, CIFAR_MEAN, CIFAR_STD, False),
+                10, img_size, True,
+                f"CIFAR-10 ImageFolder {root}/train; eval = carved split (last {val_per_class} training images"
+                f" of each class: for tuning; the shared pretrained ResNet-20 saw them)", "carved")
+        if not (root / "test").is_dir():
+            raise DataError(f"eval_split='test' but {root}/test does not exist: extract the CIFAR-10 test images"
+                            f" beside train/, e.g. {_extract_hint(root)}")
+        test_classes, test_images, test_labels = _cached_images(root / "test", root / ".daq-cache-test-v1.pt")
+        if test_classes != classes:
+            raise DataError(f"{root}/test and {root}/train have different class folders ({test_classes} vs {classes})")
         return DataBundle(
-            TensorImageDataset(images[~val_mask], labels[~val_mask], img_size, CIFAR_MEAN, CIFAR_STD, True),
-            TensorImageDataset(images[val_mask], labels[val_mask], img_size, CIFAR_MEAN, CIFAR_STD, False),
+            train, TensorImageDataset(test_images, test_labels, img_size, CIFAR_MEAN, CIFAR_STD, False),
             10, img_size, True,
-            f"CIFAR-10 ImageFolder {root}/train (val = last {val_per_class} images of each class)")
+            f"CIFAR-10 ImageFolder {root}/train (minus the last {val_per_class} images of each class, kept for"
+            f" tuning); eval = {root}/test ({len(test_labels)} unseen test images)", "test")
     if download:
         import torchvision
         dst = DEFAULT_CACHE / "torchvision"
@@ -275,10 +312,10 @@ def load_cifar10(img_size: int, data_root: Optional[str] = None, download: bool 
         to_t = lambda d: torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous()  # noqa: E731
         return DataBundle(TensorImageDataset(to_t(tr), torch.tensor(tr.targets), img_size, CIFAR_MEAN, CIFAR_STD, True),
                           TensorImageDataset(to_t(va), torch.tensor(va.targets), img_size, CIFAR_MEAN, CIFAR_STD, False),
-                          10, img_size, True, "CIFAR-10 (torchvision download; val = official test split)")
+                          10, img_size, True, "CIFAR-10 (torchvision download; eval = official test split)", "test")
     raise DataError(
-        f"CIFAR-10 not found: expected an ImageFolder copy at {root}/train/<class>/*.jpg (e.g. extract"
-        f" cifar10-jpeg-train.tar.gz there: `mkdir -p {root} && tar xzf cifar10-jpeg-train.tar.gz -C {root}`),"
+        f"CIFAR-10 not found: expected an ImageFolder copy at {root}/train/<class>/*.jpg and {root}/test/<class>/*.jpg"
+        f" (extract the two archives there: {_extract_hint(root)}),"
         f" pass --data-root DIR, or add --download when online.")
 
 
@@ -311,11 +348,14 @@ def load_image_folder(root: str, img_size: int) -> DataBundle:
 
 
 def build_data(name: str, img_size: int, data_root: Optional[str] = None, download: bool = False,
-               val_per_class: int = 500) -> DataBundle:
-    """Resolve ``--data`` (a named dataset or an ImageFolder root) into train/val datasets."""
+               val_per_class: int = 500, eval_split: str = "auto") -> DataBundle:
+    """Resolve ``--data`` (a named dataset or an ImageFolder root) into train/eval datasets.
+
+    ``eval_split`` applies to ``cifar10`` (``auto``/``test``/``carved``, see :func:`load_cifar10`).
+    """
     key = name.lower().replace("_", "-")
     if key in ("cifar10", "cifar-10"):
-        return load_cifar10(img_size, data_root, download, val_per_class)
+        return load_cifar10(img_size, data_root, download, val_per_class, eval_split)
     if key in ("fashion-mnist", "fashionmnist", "fmnist"):
         return load_fashion_mnist(img_size, data_root, download)
     return load_image_folder(name, img_size)

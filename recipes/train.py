@@ -78,7 +78,10 @@ def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
                    help="QAT stage: a class-balanced subset of the training images (default: same as float)")
     g.add_argument("--val-subset", type=int, default=None, help="use a class-balanced subset of N validation images")
     g.add_argument("--val-per-class", type=int, default=500,
-                   help="cifar10 ImageFolder: validation images carved from the end of each class")
+                   help="cifar10 ImageFolder: images carved from the end of each class (tuning split, never trained on)")
+    g.add_argument("--eval-split", default="auto", choices=data_mod.EVAL_SPLITS,
+                   help="cifar10: evaluate on ROOT/test (unseen test images; auto = when it exists) or on the"
+                        " carved split (for tuning only: never choose anything by the test split)")
     g.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 in-memory, 4 ImageFolder)")
     g = p.add_argument_group("model")
     g.add_argument("--model", help="timm model name")
@@ -393,7 +396,8 @@ class Pipeline:
         if a.compile_kernels:
             import daq_core
             daq_core.use_compiled_kernels(True)
-        self.data = data_mod.build_data(a.data, a.img_size, a.data_root, a.download, a.val_per_class)
+        self.data = data_mod.build_data(a.data, a.img_size, a.data_root, a.download, a.val_per_class,
+                                         a.eval_split)
         self.float_train_set = data_mod.subset(self.data.train, a.train_subset, a.seed)
         self.qat_train_set = data_mod.subset(self.float_train_set, a.qat_train_subset, a.seed + 1)
         self.train_set = self.float_train_set
@@ -794,7 +798,7 @@ def write_report(p: Pipeline) -> Dict:
         "model": a.model, "framework": a.framework, "bits": f"W{w}A{ab}", "float_layers": list(p.float_layers),
         "quantizer": a.quantizer, "rounding": a.rounding, "beta": a.beta,
         "intermediate_act_bits": a.intermediate_act_bits,
-        "data": p.data.description, "train_images": len(p.float_train_set), "qat_train_images": len(p.qat_train_set), "val_images": len(p.val_set),
+        "data": p.data.description, "eval_split": p.data.eval_split, "train_images": len(p.float_train_set), "qat_train_images": len(p.qat_train_set), "val_images": len(p.val_set),
         "img_size": a.img_size, "float_epochs": a.float_epochs, "qat_epochs": a.epochs, "batch_size": a.batch_size,
         "lr": a.lr, "quant_lr": a.quant_lr, "weight_decay": a.weight_decay, "distill": a.distill,
         "freeze_bn": a.freeze_bn, "calibrate_scales": a.calibrate_scales,
@@ -820,7 +824,8 @@ def write_report(p: Pipeline) -> Dict:
     mb = lambda bits: f"{bits / 8 / 2 ** 20:.3f} MiB" if bits else "n/a"  # noqa: E731
     lines = [
         f"# {p.recipe}: {a.model} {a.framework} W{w}A{ab}", "",
-        f"- data: {report['data']} — {report['train_images']} train / {report['val_images']} val images,"
+        f"- data: {report['data']} — {report['train_images']} train / {report['val_images']} eval images"
+        f" (eval split: {report['eval_split']}),"
         f" {a.img_size}px",
         f"- schedule: {a.float_epochs} float epochs, {a.epochs} QAT epochs, batch {a.batch_size}, lr {a.lr},"
         f" quantizer lr {a.quant_lr}, wd {a.weight_decay}{', KD from float' if a.distill else ''}"
