@@ -23,6 +23,7 @@ from .quantizers import (
     daq_fake_quantize,
     fake_quantize_activation,
     fake_quantize_weight,
+    floor_weight_scale,
     init_activation_bounds,
     init_weight_scale,
     integer_aligned_lower_bound,

@@ -116,8 +116,12 @@ def n2uq_activation(x: torch.Tensor, start: torch.Tensor, widths: torch.Tensor, 
     return _N2UQActivation.apply(x, start, widths, scale)
 
 
-def n2uq_weight_alpha(w: torch.Tensor, bits: int, ch_axis: Optional[int] = 0) -> torch.Tensor:
-    """``alpha = (n / 2^(b-1)) mean|W|`` per output channel (or per tensor), a constant."""
+def n2uq_weight_alpha(w: torch.Tensor, bits: int, ch_axis: Optional[int] = 0, min_step: float = 0.0) -> torch.Tensor:
+    """``alpha = (n / 2^(b-1)) mean|W|`` per output channel (or per tensor), a constant.
+
+    ``min_step`` floors the grid's step ``alpha / n`` (an integer backend's smallest quantization
+    scale; see :func:`daq_core.floor_weight_scale` for why the forward must use the same floor).
+    """
     n = (1 << check_bits(bits)) - 1
     with torch.no_grad():
         if ch_axis is None or w.dim() < 2:
@@ -125,7 +129,8 @@ def n2uq_weight_alpha(w: torch.Tensor, bits: int, ch_axis: Optional[int] = 0) ->
         else:
             dims = [d for d in range(w.dim()) if d != ch_axis % w.dim()]
             m = w.abs().mean(dim=dims, keepdim=True)
-        return (n / 2 ** (bits - 1)) * m.clamp_min(1e-12)
+        alpha = (n / 2 ** (bits - 1)) * m.clamp_min(1e-12)
+        return alpha.clamp_min(n * min_step) if min_step > 0 else alpha
 
 
 class _ClippedSTE(torch.autograd.Function):
@@ -141,11 +146,14 @@ class _ClippedSTE(torch.autograd.Function):
         return torch.where(w.abs() <= alpha, grad, torch.zeros_like(grad)), None, None
 
 
-def n2uq_weight(w: torch.Tensor, bits: int, ch_axis: Optional[int] = 0) -> torch.Tensor:
-    """N2UQ weight quantizer: ``alpha (2k - n)/n`` with ``k = round((w/alpha + 1) n/2)``, clipped STE."""
+def n2uq_weight(w: torch.Tensor, bits: int, ch_axis: Optional[int] = 0, min_step: float = 0.0) -> torch.Tensor:
+    """N2UQ weight quantizer: ``alpha (2k - n)/n`` with ``k = round((w/alpha + 1) n/2)``, clipped STE.
+
+    ``min_step``: floor of the step ``alpha / n`` (see :func:`n2uq_weight_alpha`).
+    """
     check_floating(w, "w")
     n = (1 << check_bits(bits)) - 1
-    alpha = n2uq_weight_alpha(w, bits, ch_axis)
+    alpha = n2uq_weight_alpha(w, bits, ch_axis, min_step)
     return _ClippedSTE.apply(w, alpha, n)
 
 

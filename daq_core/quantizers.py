@@ -44,6 +44,7 @@ __all__ = [
     "integer_aligned_lower_bound",
     "init_weight_scale",
     "init_activation_bounds",
+    "floor_weight_scale",
     "use_compiled_kernels",
     "compiled_kernels_enabled",
     "num_levels",
@@ -383,6 +384,30 @@ def fake_quantize_activation(x: torch.Tensor, lower, upper, bits: int,
     upper = _as_param_tensor(upper, x, "upper")
     return daq_fake_quantize(x, lower, upper, bits, lower, (upper - lower) / n, gamma, sigma, ch_axis,
                              rounding=rounding, beta=beta)
+
+
+def floor_weight_scale(scale: torch.Tensor, bits: int, min_step: float) -> torch.Tensor:
+    """The output scale ``s`` with the weight grid's step ``|s| / n`` floored at ``min_step``.
+
+    The weight levels are ``s (2 DASR(t) - n) / n``: odd integers times the step ``|s| / n``.
+    An integer backend stores that step as the weight's (per-channel) quantization scale and
+    may not accept an arbitrarily small one (torch.ao: its observers' ``eps``, float32 eps).
+    A channel whose BatchNorm γ is about zero (a "dead" channel of a trained network) has a
+    folded weight, and so an ``s``, far below that; reporting the floored step while the
+    forward used the true one put the int weights off the odd grid (``round(k · step / floor)``).
+    Using the floored ``s`` in the forward too keeps both on one grid: such a channel's levels
+    become ``±min_step, ±3 min_step, …`` instead of ``±step, ±3 step, …``, a change of at most
+    ``n · min_step`` per weight.
+
+    Where the floor applies the value is ``±n · min_step`` (the sign of ``s`` kept, ``+`` for 0)
+    and the gradient passes straight through to ``s``, so the scale can still grow back above
+    the floor during training; elsewhere ``s`` is returned unchanged.
+    """
+    check_floating(scale, "scale")
+    floor = num_levels(bits) * check_positive(min_step, "min_step")
+    small = scale.detach().abs() < floor      # no host sync: per-channel tensors, every forward
+    floored = torch.where(scale.detach() < 0, -floor, floor).to(scale.dtype)
+    return torch.where(small, floored + (scale - scale.detach()), scale)
 
 
 def weight_integers(w: torch.Tensor, lower, upper, bits: int, ch_axis: Optional[int] = None,

@@ -268,12 +268,13 @@ class DAQFakeQuantize(FakeQuantizeBase):
     def calculate_qparams(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(scale, zero_point)`` of the integer grid of the forward pass.
 
-        Weights: ``scale = |s| / n`` (per channel if ``ch_axis``), ``zero_point = 0``; the
+        Weights: ``scale = |s| / n`` (per channel if ``ch_axis``; ``s`` floored as in
+        :meth:`weight_output_scale`, the same value the forward uses), ``zero_point = 0``; the
         fake-quantized weight equals ``scale · k`` with ``k`` odd in ``[-n, n]``.
         Activations: ``scale = Δ = (u' - l')/n``, ``zero_point = -l'/Δ`` (an integer in ``[0, n]``).
         """
         if self.is_weight:
-            scale = (self.output_scale.detach().abs() / self.num_levels).float().clamp_min(_EPS)
+            scale = (self.weight_output_scale().detach().abs() / self.num_levels).float()
             if self.ch_axis is None:
                 scale = scale.reshape(1)
             return scale, torch.zeros(scale.shape, dtype=torch.int64, device=scale.device)
@@ -281,6 +282,18 @@ class DAQFakeQuantize(FakeQuantizeBase):
         step = ((upper - lower) / self.num_levels).float().clamp_min(_EPS)
         zero_point = torch.clamp(torch.round(-lower / step), 0, self.num_levels).to(torch.int64)
         return step.reshape(1), zero_point.reshape(1)
+
+    def weight_output_scale(self) -> torch.Tensor:
+        """The output scale ``s`` the weight forward uses: ``output_scale`` with ``|s| / n ≥ eps``.
+
+        int8 backends get the weight step ``|s| / n`` as the quantization scale, which torch.ao
+        keeps at or above its observers' ``eps`` (float32 eps, ~1.2e-7). A channel with BN γ ≈ 0
+        (dead in a trained network) folds to a far smaller ``s``; the forward therefore uses
+        the floored ``s`` (:func:`daq_core.floor_weight_scale`, straight-through gradient), so that
+        :meth:`calculate_qparams` describes the forward's grid and the int weights stay odd
+        (docs/fx.md, "Dead channels").
+        """
+        return daq_core.floor_weight_scale(self.output_scale, self.bits, _EPS)
 
     def integers(self, x: torch.Tensor) -> torch.Tensor:
         """The integer codes of ``forward(x)``: ``round(forward(x) / scale) + zero_point``.
@@ -310,7 +323,8 @@ class DAQFakeQuantize(FakeQuantizeBase):
         rounding, beta = (self.rounding, self.beta) if self.training or self.rounding != "soft" else ("ste", None)
         if self.is_weight:
             w = x if self.center else self._normalized(x)
-            return daq_core.fake_quantize_weight(w, self.lower_bound, self.upper_bound, self.output_scale, self.bits,
+            return daq_core.fake_quantize_weight(w, self.lower_bound, self.upper_bound, self.weight_output_scale(),
+                                                 self.bits,
                                                  self.gamma, self.sigma, ch_axis=self._param_axis(),
                                                  standardize_input=self.center, rounding=rounding, beta=beta)
         lower, upper = self.activation_grid()

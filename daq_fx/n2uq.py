@@ -182,7 +182,7 @@ class N2UQFakeQuantize(FakeQuantizeBase):
 
     @torch.no_grad()
     def _set_alpha(self, w: torch.Tensor) -> None:
-        alpha = core.n2uq_weight_alpha(w, self.bits, self._weight_axis(w)).reshape(-1).float()
+        alpha = core.n2uq_weight_alpha(w, self.bits, self._weight_axis(w), _EPS).reshape(-1).float()
         if self.alpha.shape != alpha.shape:
             self.alpha = alpha.to(self.alpha.device)
         else:
@@ -193,11 +193,13 @@ class N2UQFakeQuantize(FakeQuantizeBase):
     def calculate_qparams(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(scale, zero_point)`` of the forward's integer grid.
 
-        Weights: ``α / n`` (per channel with ``ch_axis``), zero point 0; codes odd in ``[-n, n]``.
+        Weights: ``α / n`` (per channel with ``ch_axis``; ``α ≥ n · eps`` in the forward too, so a
+        channel with BN γ ≈ 0 stays on the odd grid, docs/fx.md "Dead channels"), zero point 0;
+        codes odd in ``[-n, n]``.
         Activations: ``Δ = |scale| 2/n`` and ``zp``; codes ``round(g(x))`` in ``[0, n]``.
         """
         if self.is_weight:
-            scale = (self.alpha / self.num_levels).float().clamp_min(_EPS)
+            scale = (self.alpha / self.num_levels).float()
             return scale, torch.zeros(scale.shape, dtype=torch.int64, device=scale.device)
         step = core.n2uq_step(self.output_scale, self.bits).float().clamp_min(_EPS)
         return step.reshape(1), self.zero_point.clone()
@@ -222,7 +224,7 @@ class N2UQFakeQuantize(FakeQuantizeBase):
         if self.is_weight:
             axis = self._weight_axis(x)
             self._set_alpha(x)
-            return core.n2uq_weight(x, self.bits, axis)
+            return core.n2uq_weight(x, self.bits, axis, _EPS)   # step α/n ≥ eps, as calculate_qparams
         if self.upper_limit is not None:
             x = torch.clamp(x, max=self.upper_limit)
         return core.n2uq_fake_quantize_activation(x, self.start.reshape(()), self.widths,
