@@ -315,8 +315,13 @@ def standardize(w: torch.Tensor, ch_axis: Optional[int] = None, eps: float = 1e-
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``ŵ = (W - mean(W)) / std(W)`` with mean/std treated as constants (DAQ-SPEC §3).
 
-    Over the whole tensor (the paper) or per output channel (``ch_axis``). A
-    constant tensor (std 0) standardises to zeros instead of NaN.
+    Over the whole tensor (the paper) or per output channel (``ch_axis``). ``std`` is the
+    unbiased one, computed exactly as the authors' reference does (``DAQ-REFERENCE.md``:
+    ``(W - W.mean()) / W.std()``): a 1-bit layer trained by DAQ has many weights within float
+    error of the threshold ``(l + u)/2`` (e.g. 2,422 of 36,864 within 1e-3 in their W1A32
+    ``layer3.block_2.0.conv2``), so any other way of computing ``ŵ`` — the biased std with
+    rescaled bounds, another reduction order — flips some of them. A constant tensor (std 0), or a
+    single element, standardises to zeros instead of NaN.
 
     Returns:
         ``(w_hat, mean, std)``; ``mean`` and ``std`` are detached and broadcast against ``w``.
@@ -325,11 +330,13 @@ def standardize(w: torch.Tensor, ch_axis: Optional[int] = None, eps: float = 1e-
     dims = _reduce_dims(w, ch_axis)
     with torch.no_grad():
         wc = w.detach().to(_compute_dtype(w))
+        count = wc.numel() if dims is None else wc.numel() // max(wc.shape[ch_axis % wc.dim()], 1)
         if dims is None:
-            mean, std = wc.mean(), wc.std(unbiased=False) if wc.numel() > 1 else torch.zeros((), dtype=wc.dtype)
+            mean = wc.mean()
+            std = wc.std() if count > 1 else torch.zeros((), dtype=wc.dtype, device=wc.device)
         else:
             mean = wc.mean(dim=dims, keepdim=True)
-            std = wc.std(dim=dims, keepdim=True, unbiased=False)
+            std = wc.std(dim=dims, keepdim=True) if count > 1 else torch.zeros_like(mean)
         std = std.clamp_min(eps)
     w_hat = (w.to(mean.dtype) - mean) / std
     return w_hat.to(w.dtype), mean, std

@@ -238,8 +238,16 @@ def read_cifar10_archive(path, per_class: int) -> Tuple[torch.Tensor, torch.Tens
 EVAL_SPLITS = ("auto", "test", "carved")
 
 
-def _cached_images(split_dir: Path, cache: Path):
-    """Decode an ImageFolder split once into a uint8 tensor, cached beside it (best effort)."""
+def read_image_folder(split_dir, cache: Optional[Path] = None):
+    """Decode an ImageFolder split (``split_dir/<class>/*.jpg``) into memory, in ImageFolder order.
+
+    Returns ``(classes, images, labels)``: sorted class names, uint8 ``N x 3 x H x W`` (classes
+    sorted, files sorted within a class: torchvision ``ImageFolder``'s order) and class indices.
+    ``cache`` (default ``split_dir/../.daq-cache-<split>-v1.pt``) keeps the decoded tensor (best effort).
+    """
+    split_dir = Path(split_dir)
+    if cache is None:
+        cache = split_dir.parent / f".daq-cache-{split_dir.name}-v1.pt"
     classes, samples = _list_image_folder(split_dir)
     images = None
     if cache.is_file():
@@ -272,7 +280,7 @@ def load_cifar10(img_size: int, data_root: Optional[str] = None, download: bool 
         raise DataError(f"eval_split must be one of {', '.join(EVAL_SPLITS)}, got {eval_split!r}")
     root = Path(data_root) if data_root else DEFAULT_CACHE / "cifar10-jpeg"
     if (root / "train").is_dir():
-        classes, images, labels = _cached_images(root / "train", root / ".daq-cache-v1.pt")
+        classes, images, labels = read_image_folder(root / "train", root / ".daq-cache-v1.pt")
         if len(classes) != 10:
             raise DataError(f"{root / 'train'} has {len(classes)} classes; CIFAR-10 has 10")
         val_mask = torch.zeros(len(labels), dtype=torch.bool)
@@ -293,7 +301,7 @@ def load_cifar10(img_size: int, data_root: Optional[str] = None, download: bool 
         if not (root / "test").is_dir():
             raise DataError(f"eval_split='test' but {root}/test does not exist: extract the CIFAR-10 test images"
                             f" beside train/, e.g. {_extract_hint(root)}")
-        test_classes, test_images, test_labels = _cached_images(root / "test", root / ".daq-cache-test-v1.pt")
+        test_classes, test_images, test_labels = read_image_folder(root / "test", root / ".daq-cache-test-v1.pt")
         if test_classes != classes:
             raise DataError(f"{root}/test and {root}/train have different class folders ({test_classes} vs {classes})")
         return DataBundle(

@@ -94,11 +94,95 @@ class CifarResNet(nn.Module):
         return self.linear(torch.flatten(self.pool(x), 1))
 
 
+# --------------------------------------------------------------------------------------
+# The DAQ authors' ResNet-20 layout (their released CIFAR-10 checkpoints)
+# --------------------------------------------------------------------------------------
+
+class DAQReferenceBlock(nn.Module):
+    """Basic block of the DAQ authors' ResNet-20 (``../shared/docs/DAQ-REFERENCE.md``).
+
+    ``o = relu(bn1(qconv1(x)))``, ``o = bn2(qconv2(o))``, ``out = relu(o + shortcut(x))``. The
+    convs are plain ``nn.Conv2d`` here; the plugins quantize them (their *inputs* and weights),
+    and the shortcut carries the float ``x``.
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = PadShortcut(planes // 4) if stride != 1 or in_planes != planes else nn.Identity()
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class DAQReferenceStage(nn.Module):
+    """``block_0 … block_{n-1}``, each a one-element ``nn.Sequential`` (the checkpoints' key layout
+    ``layerL.block_i.0.conv1``)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, n: int):
+        super().__init__()
+        self.num_blocks = n
+        for i in range(n):
+            self.add_module(f"block_{i}", nn.Sequential(DAQReferenceBlock(in_planes, planes, stride if i == 0 else 1)))
+            in_planes = planes
+
+    def forward(self, x):
+        for i in range(self.num_blocks):
+            x = getattr(self, f"block_{i}")(x)
+        return x
+
+
+class DAQReferenceResNet(nn.Module):
+    """The DAQ authors' CIFAR ResNet-20 (``DAQ-REFERENCE.md``), in their checkpoints' layout.
+
+    It differs from :class:`CifarResNet` in three places: the stem is ``relu(conv1(x))`` — the
+    checkpoints hold ``bn1`` but the authors' forward never applies it (kept here, unused, so their
+    state dicts load strictly); the head is global average pool → ``bn2 = BatchNorm1d(64)`` →
+    ``linear``; blocks are named ``layerL.block_i.0.*``. Inputs are normalised with the ImageNet
+    mean/std (:data:`recipes.data.IMAGENET_MEAN`), 32x32, no resize or crop at test time.
+    """
+
+    def __init__(self, depth: int = 20, num_classes: int = 10, in_chans: int = 3, **_ignored):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        self.num_classes = num_classes
+        self.conv1 = nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)    # in the checkpoints, never applied by the reference forward
+        self.layer1 = DAQReferenceStage(16, 16, 1, n)
+        self.layer2 = DAQReferenceStage(16, 32, 2, n)
+        self.layer3 = DAQReferenceStage(32, 64, 2, n)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.bn2 = nn.BatchNorm1d(64)
+        self.linear = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def quantized_conv_names(self):
+        """The convs the authors quantize: every conv inside the blocks (not ``conv1``, not ``linear``)."""
+        return [name for name, m in self.named_modules() if isinstance(m, nn.Conv2d) and name.startswith("layer")]
+
+    def get_classifier(self):
+        return self.linear
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.linear(self.bn2(torch.flatten(self.pool(x), 1)))
+
+
 def _register():
     from timm.models import register_model
     from timm.models._registry import is_model
 
-    if is_model("resnet20_cifar"):
+    if is_model("resnet20_cifar") and is_model("resnet20_daq_reference"):
         return
 
     @register_model
@@ -112,6 +196,19 @@ def _register():
         kwargs.pop("drop_rate", None)
         kwargs.pop("drop_path_rate", None)
         return CifarResNet(20, **kwargs)
+
+    @register_model
+    def resnet20_daq_reference(pretrained: bool = False, **kwargs):
+        """The DAQ authors' CIFAR-10 ResNet-20 layout (``DAQ-REFERENCE.md``): loads their released
+        checkpoints with :func:`recipes.daq_reference.load_reference_float`."""
+        for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only"):
+            kwargs.pop(k, None)
+        if pretrained:
+            raise ModelError("resnet20_daq_reference has no downloadable weights: load the authors' checkpoint"
+                             " (cifar10_fp.pth, ...) with recipes.daq_reference.load_reference_float")
+        kwargs.pop("drop_rate", None)
+        kwargs.pop("drop_path_rate", None)
+        return DAQReferenceResNet(20, **kwargs)
 
 
 _register()
@@ -181,6 +278,15 @@ def load_float_checkpoint(model: nn.Module, path: str, model_name: str = "") -> 
     sd = _extract_state_dict(obj)
     sd = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
     own = model.state_dict()
+    quant_key = next((k for k in sd if k.rsplit(".", 1)[-1] in ("uW", "lW", "uA", "beta")), None)
+    if quant_key is not None and quant_key not in own:
+        raise ModelError(f"checkpoint {p} holds DAQ reference quantizer state ({quant_key!r}): it is one of the DAQ"
+                         f" authors' quantized checkpoints, not float weights. Evaluate it with"
+                         f" recipes.daq_reference.to_brevitas / to_daq_fx (or python -m benchmarks.reference)")
+    if "layer1.block_0.0.conv1.weight" in sd and "layer1.block_0.0.conv1.weight" not in own:
+        raise ModelError(f"checkpoint {p} is in the DAQ authors' ResNet-20 layout (key 'layer1.block_0.0.conv1.weight'),"
+                         f" which {model_name or type(model).__name__} does not have: use --model"
+                         f" resnet20_daq_reference (or recipes.daq_reference.load_reference_float)")
     # old checkpoints (e.g. torch<0.4.1) have no BN num_batches_tracked: keep the model's
     missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in own]
