@@ -39,7 +39,8 @@ from .models import DAQReferenceResNet, ModelError
 
 __all__ = ["ReferenceCheckpointError", "read_reference_checkpoint", "reference_bits", "load_reference_float",
            "reference_quantizer_state", "to_brevitas", "to_daq_fx", "convert_reference_fx",
-           "reference_no_fusion_backend_config", "calibrate_output_grids", "normalize_images"]
+           "reference_no_fusion_backend_config", "calibrate_output_grids", "normalize_images",
+           "prepare_reference_fx", "set_output_grids"]
 
 #: per quantized conv, the authors' quantizer state (``lA`` too in their A32 checkpoints)
 QUANTIZER_KEYS = ("lW", "uW", "uA", "beta")
@@ -252,70 +253,107 @@ def _conv_quantizers(prepared: torch.fx.GraphModule, conv_names: Sequence[str]) 
 OUTPUT_BITS = 8
 
 
-def to_daq_fx(path, weight_bits: Optional[int] = None, act_bits: Optional[int] = None,
-              calibration: Optional[torch.Tensor] = None, backend: str = "x86") -> torch.fx.GraphModule:
-    """The reference checkpoint as a ``daq_fx`` QAT model (eval mode), convertible to x86 int8.
+def prepare_reference_fx(model: DAQReferenceResNet, weight_bits: int, act_bits: Optional[int],
+                         rounding: str = "dasr", beta: Optional[float] = None,
+                         backend: str = "x86") -> torch.fx.GraphModule:
+    """``model`` prepared by :func:`daq_fx.prepare_qat_fx` with the authors' quantization points.
 
-    Prepared by :func:`daq_fx.prepare_qat_fx` with a qconfig on the quantized convs only and no
-    Conv-BN fusion, so the quantization points are the authors': each conv's input (a DAQ
-    activation quantizer, ``l = 0``, ``u = uA``) and weight (a per-tensor DAQ weight quantizer,
-    centred standardisation); stem, BN, residual adds and head stay float.
+    A qconfig on the quantized convs only (:meth:`DAQReferenceResNet.quantized_conv_names`) and no
+    Conv-BN fusion (:func:`reference_no_fusion_backend_config`): each conv's input gets an unsigned
+    DAQ activation quantizer (``l = 0``; float activations when ``act_bits`` is None) and its weight
+    a per-tensor DAQ weight quantizer (centred standardisation, the paper's ``init="std"``: ``l, u
+    = ∓3``); stem, BN (unfolded, as the paper trains), residual adds and head stay float. Each
+    conv's *output* gets an 8-bit quantizer for the int backend (see :func:`to_daq_fx`), disabled
+    here: set its grid with :func:`set_output_grids` before converting. ``rounding``/``beta``
+    select DASR or the paper's ablations (``"ste"``, ``"soft"`` with a fixed ``beta``).
 
-    An int backend must also quantize each conv's *output*. Its values are ``k·|beta|/(n_w n_a)``
-    with an integer ``k`` (the int8 kernel's accumulator: weight codes times activation codes), so
-    the output quantizer is an 8-bit DAQ grid of step ``|beta|/(n_w n_a)`` — the accumulator
-    lattice itself: lossless for the 256 consecutive ``k`` it covers,
-    and its zero point is placed on ``calibration`` images (ImageNet-normalised, e.g. training
-    images; default: centred) by :func:`calibrate_output_grids`. Accumulators outside those 256
-    values are clipped, in the QAT model and the int model alike. With float activations (A32)
-    there is no int model: input and output quantizers are disabled (weights only).
+    ``qat.meta["daq_reference_quantizers"]`` maps each conv to its (input, output) quantizer names.
     """
     import daq_fx
     from daq_fx.fake_quantize import _UNSIGNED, ACTIVATION, DAQFakeQuantize
     from torch.ao.quantization import QConfigMapping
 
-    sd, weight_bits, act_bits, model = _load(path, weight_bits, act_bits)
     conv_names = model.quantized_conv_names()
-    qconfig = daq_fx.get_daq_qconfig(weight_bits, act_bits or 8, per_channel=False, init="std")
+    qconfig = daq_fx.get_daq_qconfig(weight_bits, act_bits or 8, per_channel=False, init="std",
+                                     rounding=rounding, beta=beta)
     mapping = QConfigMapping()
     for name in conv_names:
         mapping.set_module_name(name, qconfig)
     mapping.daq_backend = backend
-    example = (torch.zeros(1, 3, 32, 32),)
-    qat = daq_fx.prepare_qat_fx(model.train(), mapping, example,
+    qat = daq_fx.prepare_qat_fx(model.train(), mapping, (torch.zeros(1, 3, 32, 32),),
                                 backend_config=reference_no_fusion_backend_config(backend), prepare_timm=False)
     quantizers = _conv_quantizers(qat, conv_names)
     qat.meta["daq_reference_quantizers"] = quantizers
+    qat.meta["daq_reference_bits"] = (weight_bits, act_bits)
     for name in conv_names:
-        state = reference_quantizer_state(sd, name, weight_bits, act_bits, path)
-        conv = qat.get_submodule(name)
-        wfq = conv.weight_fake_quant
+        in_name, out_name = quantizers[name]
+        in_fq = qat.get_submodule(in_name)
+        out_fq = DAQFakeQuantize(ACTIVATION, OUTPUT_BITS, signed=True, init="std")
+        out_fq.disable_fake_quant()
+        out_fq.disable_observer()
+        _set_module(qat, out_name, out_fq)
+        if act_bits is None:
+            in_fq.disable_fake_quant()
+            in_fq.disable_observer()
+        else:
+            in_fq.signed.fill_(_UNSIGNED)      # the conv inputs follow a ReLU: l = 0 (DAQ-SPEC §4)
+    return qat
+
+
+def set_output_grids(qat: torch.fx.GraphModule, calibration: Optional[torch.Tensor] = None) -> None:
+    """Give every conv-output quantizer of :func:`prepare_reference_fx` its grid and enable it.
+
+    The step is the accumulator lattice (weight step × activation step, read from the trained
+    quantizers); the zero point is centred, or placed on ``calibration`` images by
+    :func:`calibrate_output_grids`. Float-activation (A32) models have no int grid: nothing to do.
+    """
+    weight_bits, act_bits = qat.meta["daq_reference_bits"]
+    if act_bits is None:
+        return
+    for name, (in_name, out_name) in qat.meta["daq_reference_quantizers"].items():
+        w_step, _ = qat.get_submodule(name).weight_fake_quant.calculate_qparams()
+        a_step, _ = qat.get_submodule(in_name).calculate_qparams()
+        out_fq = qat.get_submodule(out_name)
+        _set_output_grid(out_fq, float(w_step) * float(a_step), zero_point=1 << (OUTPUT_BITS - 1))
+        out_fq.enable_fake_quant()
+    if calibration is not None:
+        calibrate_output_grids(qat, calibration)
+
+
+def to_daq_fx(path, weight_bits: Optional[int] = None, act_bits: Optional[int] = None,
+              calibration: Optional[torch.Tensor] = None, backend: str = "x86") -> torch.fx.GraphModule:
+    """The reference checkpoint as a ``daq_fx`` QAT model (eval mode), convertible to x86 int8.
+
+    Prepared by :func:`prepare_reference_fx` (the authors' quantization points: each conv's input
+    and weight; stem, BN, residual adds and head float), with the checkpoint's quantizer state.
+
+    An int backend must also quantize each conv's *output*. Its values are ``k·|beta|/(n_w n_a)``
+    with an integer ``k`` (the int8 kernel's accumulator: weight codes times activation codes), so
+    the output quantizer is an 8-bit DAQ grid of step ``|beta|/(n_w n_a)`` — the accumulator
+    lattice itself: lossless for the 256 consecutive ``k`` it covers, and its zero point is placed
+    on ``calibration`` images (ImageNet-normalised, e.g. training images; default: centred) by
+    :func:`calibrate_output_grids`. Accumulators outside those 256 values are clipped, in the QAT
+    model and the int model alike. With float activations (A32) there is no int model: the
+    input and output quantizers stay disabled (weights only).
+    """
+    sd, weight_bits, act_bits, model = _load(path, weight_bits, act_bits)
+    states = {name: reference_quantizer_state(sd, name, weight_bits, act_bits, path)
+              for name in model.quantized_conv_names()}
+    qat = prepare_reference_fx(model, weight_bits, act_bits, backend=backend)
+    for name, state in states.items():
+        wfq = qat.get_submodule(name).weight_fake_quant
         with torch.no_grad():
             wfq.lower_bound.copy_(state["lower"].reshape(1))
             wfq.upper_bound.copy_(state["upper"].reshape(1))
             wfq.output_scale.copy_(state["scale"].reshape(1))
             wfq.initialized.fill_(1)
-        in_name, out_name = quantizers[name]
-        in_fq = qat.get_submodule(in_name)
-        # the accumulator lattice: (weight step |s|/n_w) x (activation step uA/n_a) = |beta| / (n_w n_a)
-        n_w, n_a = (1 << weight_bits) - 1, (1 << (act_bits or 1)) - 1
-        lattice = abs(float(sd[f"{name}.beta"])) / (n_w * n_a)
-        out_fq = DAQFakeQuantize(ACTIVATION, OUTPUT_BITS, signed=True, init="std")
-        _set_output_grid(out_fq, lattice, zero_point=1 << (OUTPUT_BITS - 1))
-        _set_module(qat, out_name, out_fq)
-        if act_bits is None:
-            for fq in (in_fq, out_fq):
-                fq.disable_fake_quant()
-                fq.disable_observer()
-        else:
-            with torch.no_grad():
-                in_fq.signed.fill_(_UNSIGNED)
+            if act_bits is not None:
+                in_fq = qat.get_submodule(qat.meta["daq_reference_quantizers"][name][0])
                 in_fq.lower_bound.zero_()
                 in_fq.upper_bound.copy_(state["act_upper"].reshape(1))
                 in_fq.initialized.fill_(1)
     qat.eval()
-    if calibration is not None and act_bits is not None:
-        calibrate_output_grids(qat, calibration)
+    set_output_grids(qat, calibration)
     return qat
 
 
