@@ -135,7 +135,7 @@ def run(args) -> Dict:
               "calibration_images": 0 if calib is None else len(calib), "accuracy": acc,
               "paper_png": PAPER, "float_drop_jpeg": PAPER["fp"] - acc["fp/float"], "agreement": agree,
               "wall_s": wall, "versions": {"torch": torch.__version__},
-              "command": "python -m benchmarks.reference " + " ".join(sys.argv[1:])}
+              "command": ("python -m benchmarks.reference " + " ".join(sys.argv[1:])).replace(str(Path.home()), "~")}
     return result, preds
 
 
