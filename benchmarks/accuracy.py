@@ -277,6 +277,28 @@ def table(rows: List[Dict], args, planned=()) -> str:
     return "\n".join(head + lines) + "\n"
 
 
+def compact_table(rows: List[Dict], bits=("W4A4", "W2A2")) -> str:
+    """One line per method, QAT and int8 top-1 per bit-width (the README's results table)."""
+    float_acc = next((r["float_acc"] for r in rows if r.get("float_acc") is not None), None)
+    head = "| method | " + " | ".join(f"{b} QAT | {b} int8" for b in bits) + " |"
+    lines = [head, "|---|" + "---|---|" * len(bits), "| float model | " + " | ".join(f"{_f(float_acc)} | " for _ in bits) + " |"]
+    for m in METHODS:
+        cells, seen = [], False
+        for b in bits:
+            r = next((x for x in rows if x["bits"] == b and x["method"] == m), None)
+            if r is None:
+                cells += ["not run yet", ""]
+            elif r.get("rc") != 0:
+                cells += ["failed", ""]
+                seen = True
+            else:
+                cells += [_f(r.get("qat_acc")), _f(r.get("int_acc")) if r.get("int_acc") is not None else "—"]
+                seen = True
+        if seen:
+            lines.append(f"| {DESCRIPTIONS[m]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     methods = _parse_list(args.methods, METHODS, "method")
@@ -308,6 +330,7 @@ def main(argv=None) -> int:
     (out / "accuracy.json").write_text(json.dumps(summary, indent=2) + "\n")
     md = table(rows, args, plan(methods, bits))
     (out / "accuracy.md").write_text(md)
+    (out / "accuracy_compact.md").write_text(compact_table(rows))
     print(md)
     return 0 if all(r.get("rc") == 0 for r in rows) else 1
 

@@ -54,6 +54,12 @@ def test_quick_mode_runs_every_method_and_writes_wellformed_results(tmp_path):
             assert 0.0 <= row["int_acc"] <= 100.0 and 0.0 <= row["agreement"] <= 100.0
     table = (out / "accuracy.md").read_text().splitlines()
     assert sum(1 for line in table if line.startswith("| W2A2 |")) == len(accuracy.METHODS)
+    # the README table: one line per method, W2A2 cells filled, W4A4 not run
+    compact = (out / "accuracy_compact.md").read_text().splitlines()
+    for m in accuracy.METHODS:
+        line = next(x for x in compact if x.startswith(f"| {accuracy.DESCRIPTIONS[m]} |"))
+        assert line.split("|")[1:3] == [f" {accuracy.DESCRIPTIONS[m]} ", " not run yet "]
+    assert sum(1 for x in compact if x.startswith("| ")) == len(accuracy.METHODS) + 2   # + header, float
     # a second run reuses the rows (resumable) and rewrites the same table
     r2 = subprocess.run([sys.executable, "-m", "benchmarks.accuracy", "--quick", "--bits", "W2A2", "--data", str(data),
                          "--output", str(out), "--methods", "daq-fx"], cwd=REPO, env=env, capture_output=True,
