@@ -4,7 +4,16 @@ No torch.ao or Brevitas imports live here; ``daq_fx`` and ``daq_brevitas`` are t
 adapters over these functions.
 """
 
-from .checks import MAX_BITS, MAX_INT8_WEIGHT_BITS, MIN_BITS, check_bits, check_bounds, check_floating, check_positive
+from .checks import (
+    MAX_BITS,
+    MAX_INT8_WEIGHT_BITS,
+    MIN_BITS,
+    check_bits,
+    check_bounds,
+    check_finite,
+    check_floating,
+    check_positive,
+)
 from .dasr import (
     DEFAULT_ACT_SIGMA,
     DEFAULT_GAMMA,
@@ -43,16 +52,20 @@ from .n2uq import n2uq_activation, n2uq_init_widths, n2uq_thresholds, n2uq_weigh
 __all__ += ["n2uq_activation", "n2uq_init_widths", "n2uq_thresholds", "n2uq_weight", "n2uq_weight_alpha"]
 
 from .init import (  # noqa: E402
+    MIN_ACTIVATION_RANGE,
     WEIGHT_BOUND_CANDIDATES,
+    DAQInitWarning,
     check_init_method,
     fit_weight_scale,
     init_activation_quantizer,
     init_weight_quantizer,
     normalize_weight,
     output_scale_correction,
+    widen_degenerate_range,
 )
 
-__all__ += ["WEIGHT_BOUND_CANDIDATES", "check_init_method", "fit_weight_scale", "init_activation_quantizer",
+__all__ += ["MIN_ACTIVATION_RANGE", "DAQInitWarning", "widen_degenerate_range",
+            "WEIGHT_BOUND_CANDIDATES", "check_init_method", "fit_weight_scale", "init_activation_quantizer",
             "init_weight_quantizer", "normalize_weight", "output_scale_correction"]
 
 from .params import split_parameters  # noqa: E402

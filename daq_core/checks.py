@@ -72,3 +72,23 @@ def check_bounds(lower: torch.Tensor, upper: torch.Tensor, lower_name: str = "lo
             hi = upper.detach().expand_as(bad)[bad].flatten()[:1].item() if upper.numel() > 1 else upper.item()
             raise ValueError(f"{lower_name} must be < {upper_name} (the quantization interval [l, u] of DAQ Eq. 1),"
                              f" got {lower_name}={lo} and {upper_name}={hi}; re-initialise the bounds")
+
+
+def check_finite(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Refuse a tensor holding NaN or Inf with a message that counts them and names ``name``.
+
+    Used on the data a quantizer is *initialised* from (the first batch, the weights): a single
+    NaN there makes every bound NaN, and every later call fails far from the cause.
+    """
+    check_floating(x, name)
+    with torch.no_grad():
+        finite = torch.isfinite(x)
+        if bool(finite.all()):
+            return x
+        nan = int(torch.isnan(x).sum())
+        inf = int(x.numel() - int(finite.sum()) - nan)
+    raise ValueError(f"{name} contains {nan} NaN and {inf} Inf value(s) (of {x.numel()}, shape {tuple(x.shape)}):"
+                     " DAQ initialises its bounds from these values and refuses them; nothing was changed."
+                     " Find where the non-finite values come from (input data, a diverged layer) and call again"
+                     " with finite values")
+

@@ -11,14 +11,18 @@ first batch (per output channel for weights), and the least-squares output scale
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .checks import check_bits, check_floating, check_positive
+from .checks import check_bits, check_finite, check_floating, check_positive
 from .quantizers import fake_quantize_activation, fake_quantize_weight
 
 __all__ = [
+    "MIN_ACTIVATION_RANGE",
+    "DAQInitWarning",
+    "widen_degenerate_range",
     "WEIGHT_BOUND_CANDIDATES",
     "normalize_weight",
     "fit_weight_scale",
@@ -34,6 +38,35 @@ WEIGHT_BOUND_CANDIDATES: Tuple[float, ...] = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0,
 ACTIVATION_RANGE_FRACTIONS: Tuple[float, ...] = tuple(torch.linspace(0.1, 1.0, 19).tolist())
 #: Activation batches larger than this are subsampled (deterministically) for the search.
 MAX_INIT_SAMPLES = 1 << 18
+#: Narrowest first-batch activation interval ``u - l`` (natural units). The bounds are learned
+#: parameters: Adam (DAQ-SPEC §6: lr 1e-4) moves each by about its learning rate per step,
+#: whatever the activations' scale, so an interval of ~1e-7 (seen: ConvNeXt's layer scale,
+#: initialised at 1e-6, times its branch) is crossed by the first step and every later forward
+#: fails (``lower must be < upper``). Ten such steps wide: the bounds can move and stay ordered.
+MIN_ACTIVATION_RANGE = 1e-3
+
+
+class DAQInitWarning(UserWarning):
+    """A quantizer's first-batch initialisation had to be adjusted (the message names the quantizer)."""
+
+
+@torch.no_grad()
+def widen_degenerate_range(lower: torch.Tensor, upper: torch.Tensor, min_range: float = MIN_ACTIVATION_RANGE
+                           ) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+    """Scale ``(l, u)`` about 0 so that ``u - l >= min_range``; returns ``(l, u, widened)``.
+
+    Scaling keeps ``l = 0`` (unsigned) and the relative position of 0 in a signed interval
+    (so the integer zero point is the same). Values inside the old interval are far below the
+    new step; they quantize to (about) zero, as they contribute (about) nothing in float.
+    """
+    check_positive(min_range, "min_range")
+    width = upper - lower
+    if bool(width >= min_range):
+        return lower, upper, False
+    factor = min_range / width.clamp_min(torch.finfo(torch.float32).tiny)
+    if not bool(torch.isfinite(factor)):
+        return torch.zeros_like(lower), torch.full_like(upper, min_range), True
+    return lower * factor, upper * factor, True
 
 
 def check_init_method(method) -> str:
@@ -102,18 +135,19 @@ def fit_weight_scale(w: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, 
 @torch.no_grad()
 def init_weight_quantizer(w: torch.Tensor, bits: int, ch_axis: Optional[int] = None, center: bool = True,
                           method: str = "mse", init_bound: float = 3.0,
-                          candidates: Sequence[float] = WEIGHT_BOUND_CANDIDATES
+                          candidates: Sequence[float] = WEIGHT_BOUND_CANDIDATES, name: Optional[str] = None
                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """First-batch ``(lower, upper, scale)`` of a DAQ weight quantizer (DAQ-SPEC §3, §5).
 
     ``method="std"``: ``l, u = ∓init_bound`` (paper: 3). ``"mse"``: per channel, the bound among
     ``init_bound`` and ``candidates`` with the least squared error of ``s · w_q`` against ``W``.
-    The scale is the least-squares :func:`fit_weight_scale` in both cases.
+    The scale is the least-squares :func:`fit_weight_scale` in both cases. A weight holding NaN
+    or Inf is refused (``ValueError`` naming ``name``).
 
     Returns:
         Three float32 tensors of shape ``(C,)`` (per channel) or ``(1,)`` (per tensor).
     """
-    check_floating(w, "w")
+    check_finite(w, f"the weight of {name or 'a DAQ weight quantizer'}")
     check_bits(bits)
     method = check_init_method(method)
     init_bound = check_positive(init_bound, "init_bound")
@@ -133,7 +167,8 @@ def init_weight_quantizer(w: torch.Tensor, bits: int, ch_axis: Optional[int] = N
 
 @torch.no_grad()
 def init_activation_quantizer(x: torch.Tensor, bits: int, signed: bool, method: str = "mse",
-                              num_std: float = 3.0) -> Tuple[torch.Tensor, torch.Tensor]:
+                              num_std: float = 3.0, name: Optional[str] = None,
+                              min_range: float = MIN_ACTIVATION_RANGE) -> Tuple[torch.Tensor, torch.Tensor]:
     """First-batch activation bounds ``(l, u)`` (DAQ-SPEC §4), 0-dim float32 tensors.
 
     ``method="std"``: ``(0, num_std·std)`` unsigned, ``±num_std·std`` signed (the paper).
@@ -141,11 +176,28 @@ def init_activation_quantizer(x: torch.Tensor, bits: int, signed: bool, method: 
     bounds that quantize the batch with the least squared error. Batches over
     ``MAX_INIT_SAMPLES`` elements are subsampled with an even stride (deterministic; the global
     RNG is not touched, so seeded runs stay reproducible).
+
+    A batch holding NaN or Inf is refused (``ValueError``) before anything is computed. Bounds
+    narrower than ``min_range`` (:data:`MIN_ACTIVATION_RANGE`) are widened to it
+    (:func:`widen_degenerate_range`) with a :class:`DAQInitWarning` naming ``name``.
     """
-    from .quantizers import init_activation_bounds
-    check_floating(x, "x")
+    label = name or "a DAQ activation quantizer"
+    check_finite(x, f"the first batch of {label}")
     check_bits(bits)
     method = check_init_method(method)
+    lower, upper = _activation_bounds(x, bits, signed, method, num_std)
+    wide_lower, wide_upper, widened = widen_degenerate_range(lower, upper, min_range)
+    if widened:
+        warnings.warn(f"{label}: first-batch bounds [{lower.item():.3g}, {upper.item():.3g}] are narrower than"
+                      f" MIN_ACTIVATION_RANGE={min_range:g} (e.g. a layer scale initialised at 1e-6): widened to"
+                      f" [{wide_lower.item():.3g}, {wide_upper.item():.3g}], or the first optimizer step of the"
+                      " learned bounds would cross them", DAQInitWarning, stacklevel=3)
+    return wide_lower.reshape(()).float(), wide_upper.reshape(()).float()
+
+
+def _activation_bounds(x: torch.Tensor, bits: int, signed: bool, method: str, num_std: float):
+    """The bounds of :func:`init_activation_quantizer` before the minimum-range check."""
+    from .quantizers import init_activation_bounds
     lower, upper = init_activation_bounds(x, signed=signed, num_std=num_std)
     if method == "std":
         return lower.reshape(()), upper.reshape(())

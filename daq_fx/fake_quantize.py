@@ -153,6 +153,8 @@ class DAQFakeQuantize(FakeQuantizeBase):
         self.center = (ch_axis is None) if center is None else center
         n = num_levels(self.bits)
         self.is_dynamic = False
+        #: where the quantizer sits, for messages (set by the prepare functions; not part of the state)
+        self.name = ""
         if role == WEIGHT:
             self.dtype = torch.qint8
             self.qscheme = torch.per_channel_symmetric if ch_axis is not None else torch.per_tensor_symmetric
@@ -203,23 +205,35 @@ class DAQFakeQuantize(FakeQuantizeBase):
         ``±3 std``; with ``"mse"`` the least-error bounds among those and fractions of the range.
         """
         x = x.detach()
+        label = self.label()
         if self.is_weight:
             channels = 1 if self.ch_axis is None else x.shape[self.ch_axis]
             lower, upper, scale = daq_core.init_weight_quantizer(
-                x, self.bits, self.ch_axis if channels > 1 else None, center=self.center, method=self.init)
+                x, self.bits, self.ch_axis if channels > 1 else None, center=self.center, method=self.init,
+                name=label)
             self._set_param("lower_bound", lower)
             self._set_param("upper_bound", upper)
             self._set_param("output_scale", scale.reshape(channels).float())
         else:
-            if int(self.signed.item()) == _SIGNED_AUTO:
-                self.signed.fill_(_SIGNED if bool((x < 0).any()) else _UNSIGNED)
-            lower, upper = daq_core.init_activation_quantizer(x, self.bits, signed=not self.is_unsigned,
-                                                              method=self.init, num_std=self.num_std)
+            # refused before any state changes (the signed decision below included): a NaN / Inf first
+            # batch would otherwise leave NaN bounds that fail every later call
+            daq_core.check_finite(x, f"the first batch of {label}")
+            signed = int(self.signed.item())
+            if signed == _SIGNED_AUTO:
+                signed = _SIGNED if bool((x < 0).any()) else _UNSIGNED
+            lower, upper = daq_core.init_activation_quantizer(x, self.bits, signed=signed != _UNSIGNED,
+                                                              method=self.init, num_std=self.num_std, name=label)
             if self.upper_limit is not None:
                 upper = torch.clamp(upper, max=self.upper_limit)
+            self.signed.fill_(signed)
             self._set_param("lower_bound", lower.reshape(1).float())
             self._set_param("upper_bound", upper.reshape(1).float())
         self.initialized.fill_(1)
+
+    def label(self) -> str:
+        """How messages name this quantizer: ``name`` (set by ``daq_fx.prepare_qat_fx`` / ``prepare_qat_pt2e``)."""
+        kind = "weight" if self.is_weight else "activation"
+        return f"DAQ {kind} quantizer {self.name!r}" if self.name else f"a DAQ {kind} quantizer"
 
     def _set_param(self, name: str, value: torch.Tensor) -> None:
         current = getattr(self, name)

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.ao.quantization import FakeQuantizeBase, QConfig, QConfigMapping, get_default_qat_qconfig_mapping
 
-from daq_core import MAX_INT8_WEIGHT_BITS, check_bits, check_init_method, check_positive, num_levels
+from daq_core import MAX_INT8_WEIGHT_BITS, check_bits, check_finite, check_init_method, check_positive, num_levels
 from daq_core import n2uq as core
 
 from .fake_quantize import ACTIVATION, WEIGHT
@@ -165,6 +165,7 @@ class N2UQFakeQuantize(FakeQuantizeBase):
         if self.is_weight:
             self._set_alpha(x)
         else:
+            check_finite(x, "the first batch of a N2UQ activation quantizer")   # before any state changes
             if self.upper_limit is not None:
                 x = x.clamp(max=self.upper_limit)
             if int(self.signed.item()) == _SIGNED_AUTO:

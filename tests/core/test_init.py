@@ -60,3 +60,32 @@ def test_activation_init_methods():
 def test_init_bad_method():
     with pytest.raises(ValueError, match="init must be 'mse'"):
         dc.init_weight_quantizer(torch.randn(4, 4), 4, method="minmax")
+
+
+def test_degenerate_activation_range_is_widened_and_reported():
+    x = torch.randn(1000) * 1e-7                      # e.g. ConvNeXt's layer scale (1e-6) times its branch
+    with pytest.warns(dc.DAQInitWarning, match=r"'q7'.*widened"):
+        lo, hi = dc.init_activation_quantizer(x, 4, signed=True, name="'q7'")
+    assert float(hi - lo) == pytest.approx(dc.MIN_ACTIVATION_RANGE, rel=1e-5) and lo < 0 < hi
+    with pytest.warns(dc.DAQInitWarning):
+        lo, hi = dc.init_activation_quantizer(torch.zeros(100), 4, signed=False, method="std")
+    assert lo.item() == 0 and hi.item() == pytest.approx(dc.MIN_ACTIVATION_RANGE)
+
+
+def test_widen_keeps_zero_at_its_place():
+    lo, hi, widened = dc.widen_degenerate_range(torch.tensor(-1e-7), torch.tensor(3e-7), 1e-3)
+    assert widened and lo.item() == pytest.approx(-2.5e-4) and hi.item() == pytest.approx(7.5e-4)
+    lo, hi, widened = dc.widen_degenerate_range(torch.tensor(-1.0), torch.tensor(2.0), 1e-3)
+    assert not widened and (lo.item(), hi.item()) == (-1.0, 2.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_data_is_refused_before_initialising(bad):
+    x = torch.randn(100)
+    x[5] = bad
+    with pytest.raises(ValueError, match=r"first batch of 'q1' contains .*(NaN|Inf)"):
+        dc.init_activation_quantizer(x, 4, signed=True, name="'q1'")
+    w = torch.randn(4, 3, 3, 3)
+    w[1, 0, 0, 0] = bad
+    with pytest.raises(ValueError, match=r"weight of 'conv'.* (NaN|Inf)"):
+        dc.init_weight_quantizer(w, 4, ch_axis=0, name="'conv'")
