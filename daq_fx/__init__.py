@@ -31,10 +31,12 @@ from .params import quantizer_parameters
 from .prepare import (
     DAQPrepareError,
     check_batchnorm,
+    dropout_follows_training,
     initialize_weight_quantizers,
     prepare_qat_fx,
     prepare_timm_model,
     static_same_padding,
+    static_shape_modules,
     weight_fold_factor,
     widen_intermediate_activations,
 )

@@ -20,6 +20,8 @@ quantizers get their first-batch grid moved off the input's value lattice
 from __future__ import annotations
 
 import copy
+import inspect
+import operator
 import sys
 import traceback
 from collections import OrderedDict
@@ -30,14 +32,15 @@ from torch import nn
 from torch.ao.quantization import FakeQuantizeBase, QConfigMapping
 from torch.ao.quantization import quantize_fx as _quantize_fx
 
-from daq_core import check_bits
+from daq_core import check_bits, check_finite
 
 from .fake_quantize import ACTIVATION, AveragedActivation, DAQFakeQuantize
 from .n2uq import N2UQFakeQuantize
 from .qconfig import get_daq_backend_config
 
 __all__ = ["prepare_qat_fx", "prepare_timm_model", "check_batchnorm", "initialize_weight_quantizers",
-           "initialize_activations_off_lattice", "OFF_LATTICE_FACTOR",
+           "initialize_activations_off_lattice", "OFF_LATTICE_FACTOR", "static_same_padding", "static_shape_modules",
+           "dropout_follows_training", "name_quantizers", "refuse_nonfinite_first_batch",
            "weight_fold_factor", "DAQPrepareError"]
 
 
@@ -186,6 +189,256 @@ def static_same_padding(model: nn.Module, example_inputs: Tuple[Any, ...]) -> Li
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, replacement)
         replaced.append(name)
+    return replaced
+
+
+# --------------------------------------------------------------------------------------
+# modules with shape-dependent Python control flow: traced at the example's shapes
+# --------------------------------------------------------------------------------------
+
+class _ExampleSize(tuple):
+    """``x.shape`` while tracing at the example's shapes: ints, and proxies for the batch-dependent sizes."""
+
+    def numel(self):
+        total = 1
+        for size in self:
+            total = total * size
+        return total
+
+
+class _ExampleShapeProxy(torch.fx.Proxy):
+    """A proxy whose ``shape`` / ``size()`` / ``dim()`` are the example's (see :class:`_ExampleShapeTracer`)."""
+
+    @property
+    def shape(self):
+        return self.tracer.example_size(self)
+
+    def size(self, dim=None):
+        size = self.tracer.example_size(self)
+        return size if dim is None else size[dim]
+
+    def dim(self):
+        return len(self.tracer.example_size(self))
+
+    @property
+    def ndim(self):
+        return self.dim()
+
+
+class _ExampleShapeTracer:
+    """Mixin over torch.ao's ``QuantizationTracer``: tensor sizes resolve to the example's values.
+
+    ``calls`` holds the traced module's recorded ``(args, kwargs)`` at two batch sizes. When the
+    module's code reads a size, the graph traced so far is evaluated on both calls (incrementally,
+    under ``no_grad``, the module in eval mode, the global RNG untouched): a size equal in both is
+    returned as an ``int`` — Python control flow and arithmetic on it run at trace time, as for
+    ``static_same_padding`` — a size that changes with the batch stays symbolic.
+    """
+
+    def __init__(self, skipped_module_names, skipped_module_classes, calls):
+        super().__init__(skipped_module_names, skipped_module_classes)
+        self._calls = calls
+        self._envs = [dict() for _ in calls]
+        self._evaluating = False
+
+    def proxy(self, node):
+        return _ExampleShapeProxy(node, self)
+
+    # while tracing, torch.fx routes every module call and parameter read through the tracer: when
+    # evaluating the graph on the example, modules run and parameters are read as usual
+    def call_module(self, m, forward, args, kwargs):
+        if self._evaluating:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if self._evaluating:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def _evaluate(self, target: torch.fx.Node, call_index: int):
+        env = self._envs[call_index]
+        if target in env:
+            return env[target]
+        args, kwargs = self._calls[call_index]
+        bound = inspect.signature(self.root.forward).bind(*args, **kwargs).arguments
+        load = lambda a: torch.fx.node.map_arg(a, lambda n: env[n])  # noqa: E731
+        modes = {m: m.training for m in self.root.modules()}
+        self.root.eval()
+        self._evaluating = True
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                for node in self.graph.nodes:
+                    if node in env:
+                        continue
+                    if node.op == "placeholder":
+                        if node.target not in bound:
+                            raise KeyError(f"placeholder {node.target!r} has no recorded value")
+                        value = bound[node.target]
+                    elif node.op == "get_attr":
+                        value = self.root
+                        for part in node.target.split("."):
+                            value = getattr(value, part)
+                    elif node.op == "call_function":
+                        value = node.target(*load(node.args), **load(node.kwargs))
+                    elif node.op == "call_method":
+                        obj, *rest = load(node.args)
+                        value = getattr(obj, node.target)(*rest, **load(node.kwargs))
+                    elif node.op == "call_module":
+                        value = self.root.get_submodule(node.target)(*load(node.args), **load(node.kwargs))
+                    else:
+                        continue
+                    env[node] = value
+                    if node is target:
+                        break
+        finally:
+            self._evaluating = False
+            for module, training in modes.items():
+                module.training = training
+        return env[target]
+
+    def example_size(self, proxy: torch.fx.Proxy) -> _ExampleSize:
+        shapes = [self._evaluate(proxy.node, i) for i in range(len(self._calls))]
+        if not all(isinstance(v, torch.Tensor) for v in shapes) or len({v.dim() for v in shapes}) != 1:
+            raise torch.fx.proxy.TraceError(f"cannot resolve the size of {proxy.node.name!r} from the example")
+        sizes = []
+        for dim, values in enumerate(zip(*(v.shape for v in shapes))):
+            if len(set(values)) == 1:
+                sizes.append(int(values[0]))
+            else:   # depends on the batch size: stays symbolic
+                sizes.append(self.create_proxy("call_function", getattr, (proxy, "shape"), {})[dim])
+        return _ExampleSize(sizes)
+
+
+def _prepare_custom_config(config):
+    from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+    config = config or PrepareCustomConfig()
+    return PrepareCustomConfig.from_dict(config) if isinstance(config, dict) else config
+
+
+def _tensor_map(value, fn):
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_tensor_map(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: _tensor_map(v, fn) for k, v in value.items()}
+    return value
+
+
+def _shapes(value):
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (list, tuple)):
+        return tuple(_shapes(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((k, _shapes(v)) for k, v in sorted(value.items()))
+    return value
+
+
+@torch.no_grad()
+def _record_calls(model: nn.Module, example_inputs: Tuple[Any, ...], modules: List[nn.Module]):
+    """``{id(module): [(args, kwargs) at the example's batch size, at one more]}`` for modules
+    called once (or always with the same shapes) by an eval-mode forward of the example."""
+    batches = [example_inputs,
+               tuple(torch.cat([x, x[:1]]) if isinstance(x, torch.Tensor) and x.dim() > 0 else x
+                     for x in example_inputs)]
+    records: Dict[int, list] = {id(m): [] for m in modules}
+    consistent = {id(m): True for m in modules}
+    for index, inputs in enumerate(batches):
+        def hook(module, args, kwargs):
+            calls = records[id(module)]
+            if len(calls) > index:      # called again in this forward: only usable if the shapes repeat
+                consistent[id(module)] &= _shapes((args, kwargs)) == _shapes(calls[index])
+                return None
+            calls.append(_tensor_map((args, kwargs), lambda t: t.detach().clone()))
+            return None
+        handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
+        modes = {m: m.training for m in model.modules()}
+        model.eval()
+        try:
+            model(*inputs)
+        except Exception:     # e.g. the batch is not dim 0: shapes cannot be told apart from the batch
+            return {}
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module, training in modes.items():
+                module.training = training
+    return {key: calls for key, calls in records.items() if len(calls) == 2 and consistent[key]}
+
+
+def _trace_at_example_shapes(module: nn.Module, name: str, calls, config) -> Optional[torch.fx.GraphModule]:
+    from torch.ao.quantization.fx.tracer import QuantizationTracer
+
+    class Tracer(_ExampleShapeTracer, QuantizationTracer):
+        pass
+
+    prefix = name + "."
+    skipped = [n[len(prefix):] for n in config.non_traceable_module_names if n.startswith(prefix)]
+    tracer = Tracer(skipped, config.non_traceable_module_classes, calls)
+    args, kwargs = calls[0]
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+        concrete = {k: v for k, v in bound.items() if not isinstance(v, torch.Tensor)}
+        graph = tracer.trace(module, concrete_args=concrete or None)
+    except Exception:
+        return None
+    for node in reversed(list(graph.nodes)):    # batch-size reads that the code did not use
+        if not node.users and node.op == "call_function" and (
+                node.target is operator.getitem or (node.target is getattr and node.args[1:] == ("shape",))):
+            graph.erase_node(node)
+    traced = torch.fx.GraphModule(module, graph, class_name=type(module).__name__)
+    traced.train(module.training)
+    return traced
+
+
+def static_shape_modules(model: nn.Module, example_inputs: Tuple[Any, ...], prepare_custom_config=None,
+                         max_rounds: int = 32) -> List[str]:
+    """Replace (in place) modules that torch.fx cannot trace because of *shape*-dependent control flow.
+
+    Some modules branch in Python on their input's size, e.g. timm's ``ConvMlp`` (the VGG head:
+    ``if x.shape[-2] < 7: x = adaptive_avg_pool2d(x, (7, 7))``); symbolic tracing cannot evaluate
+    the condition and ``prepare_qat_fx`` failed at such a module. Like :func:`static_same_padding`,
+    this specialises them to the example's sizes: the model is traced with torch.ao's tracer; when
+    the trace fails inside a module, every module of that class is traced on its own with sizes
+    resolved from the example (:class:`_ExampleShapeTracer`: the module's inputs are recorded by
+    eval-mode forwards of ``example_inputs`` and of the same inputs with one more sample, so sizes
+    that follow the batch size stay symbolic and everything else becomes a constant) and replaced
+    by the resulting ``GraphModule`` (same submodules and parameter names). Repeated until the
+    model traces or the failing module cannot be specialised (value-dependent control flow: the
+    tracing error is then reported as before). The prepared model is specific to the example's
+    spatial size in these modules only: prepare with the size you deploy.
+
+    Returns:
+        The names of the replaced modules.
+    """
+    from torch.ao.quantization.fx.tracer import QuantizationTracer
+    config = _prepare_custom_config(prepare_custom_config)
+    replaced: List[str] = []
+    for _ in range(max_rounds):
+        try:
+            QuantizationTracer(config.non_traceable_module_names, config.non_traceable_module_classes).trace(model)
+            return replaced
+        except Exception as error:
+            found = _failing_module(model, error.__traceback__)
+        if found is None or not found[0] or isinstance(found[1], torch.fx.GraphModule):
+            return replaced       # the root's own forward, or nothing to specialise: prepare explains the error
+        cls = type(found[1])
+        targets = [(n, m) for n, m in model.named_modules() if n and type(m) is cls]
+        calls = _record_calls(model, example_inputs, [m for _, m in targets])
+        progress = False
+        for target_name, target in targets:
+            traced = _trace_at_example_shapes(target, target_name, calls[id(target)], config) \
+                if id(target) in calls else None
+            if traced is None:
+                continue
+            parent_name, _, child_name = target_name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child_name, traced)
+            replaced.append(target_name)
+            progress |= target_name == found[0]
+        if not progress:
+            return replaced
     return replaced
 
 
@@ -467,6 +720,131 @@ def _wrap_averages(prepared: torch.fx.GraphModule) -> int:
 
 
 # --------------------------------------------------------------------------------------
+# functional dropout follows train / eval; quantizer names for messages
+# --------------------------------------------------------------------------------------
+
+#: functional dropouts and the module that applies them according to its own ``training`` flag
+_DROPOUT_MODULES = {
+    nn.functional.dropout: nn.Dropout, nn.functional.dropout1d: nn.Dropout1d,
+    nn.functional.dropout2d: nn.Dropout2d, nn.functional.dropout3d: nn.Dropout3d,
+    nn.functional.alpha_dropout: nn.AlphaDropout, nn.functional.feature_alpha_dropout: nn.FeatureAlphaDropout,
+    torch.dropout: nn.Dropout, torch.alpha_dropout: nn.AlphaDropout,
+    torch.feature_alpha_dropout: nn.FeatureAlphaDropout,
+}
+#: (positional index, keyword) of the ``p``, ``training`` and ``inplace`` arguments, by function
+_DROPOUT_ARGS = {fn: ((1, "p"), (2, "training"), (3, "inplace")) for fn in _DROPOUT_MODULES}
+for _fn in (torch.dropout, torch.alpha_dropout, torch.feature_alpha_dropout):   # (input, p, train)
+    _DROPOUT_ARGS[_fn] = ((1, "p"), (2, "train"), (None, None))
+
+
+def _argument(node: torch.fx.Node, index: Optional[int], keyword: Optional[str], default):
+    if index is not None and index < len(node.args):
+        return node.args[index]
+    return node.kwargs.get(keyword, default) if keyword else default
+
+
+def dropout_follows_training(graph_module: torch.fx.GraphModule) -> List[str]:
+    """Make every traced functional dropout follow the module's train / eval state (in place).
+
+    torch.fx evaluates ``F.dropout(x, p, training=self.training)`` (timm's ``forward_head`` with
+    ``drop_rate > 0``, e.g. ghostnet_100 or ``resnet18(drop_rate=0.2)``) while tracing, in train
+    mode: the graph holds ``dropout(x, p, training=True)``, and ``.eval()`` could not switch it off —
+    the QAT model dropped activations in eval (two eval calls on one input differed, every eval
+    figure was wrong). Each such node becomes a call of ``nn.Dropout(p)`` (``Dropout1d/2d/3d``,
+    ``AlphaDropout``, ``FeatureAlphaDropout`` for the other variants), a submodule of
+    ``graph_module`` that follows ``train()`` / ``eval()``; torch.ao converts it like a model's own
+    ``nn.Dropout`` (identity in the int8 model). Dropouts traced with ``training=False`` are no-ops
+    either way and stay; a constant ``training=True`` is taken to be a traced ``self.training``
+    (a dropout meant to stay on in eval, e.g. Monte-Carlo dropout, is not kept on).
+
+    Returns:
+        The names of the new dropout modules.
+    """
+    added = []
+    for node in list(graph_module.graph.nodes):
+        if node.op != "call_function" or node.target not in _DROPOUT_MODULES:
+            continue
+        (p_index, p_key), (t_index, t_key), (i_index, i_key) = _DROPOUT_ARGS[node.target]
+        training = _argument(node, t_index, t_key, True)
+        p = _argument(node, p_index, p_key, 0.5)
+        inplace = _argument(node, i_index, i_key, False)
+        if training is not True or not isinstance(p, (int, float)) or not isinstance(inplace, bool):
+            continue     # off in both modes, or a flag computed in the graph: leave it
+        name, index = f"{node.name}_module", 1
+        while hasattr(graph_module, name):
+            name, index = f"{node.name}_module_{index}", index + 1
+        module = _DROPOUT_MODULES[node.target](float(p), inplace=inplace)
+        module.train(graph_module.training)
+        graph_module.add_submodule(name, module)
+        node.op, node.target, node.args, node.kwargs = "call_module", name, (node.args[0],), {}
+        added.append(name)
+    if added:
+        graph_module.recompile()
+    return added
+
+
+def _describe_producer(node: Any, scopes: Dict[str, Tuple[str, Any]]) -> str:
+    if not isinstance(node, torch.fx.Node):
+        return "a constant"
+    if node.op == "placeholder":
+        return f"model input {node.target!r}"
+    if node.op == "call_module":
+        return f"output of {node.target!r}"
+    scope = scopes.get(node.name, ("", None))
+    where = f" in {scope[0]!r} ({scope[1].__name__})" if scope[0] and isinstance(scope[1], type) else ""
+    return f"output of {node.name!r}{where}"
+
+
+def name_quantizers(prepared: torch.fx.GraphModule) -> int:
+    """Set ``name`` on every DAQ quantizer of an FX-prepared model, for its messages.
+
+    Weight quantizers: ``'<layer>.weight_fake_quant'``; activation quantizers: their module name and
+    what they quantize, e.g. ``"activation_post_process_15 (output of 'mul' in 'stages.0.blocks.0'
+    (ConvNeXtBlock))"``. Returns how many were named.
+    """
+    count = 0
+    for name, module in prepared.named_modules():
+        fq = getattr(module, "weight_fake_quant", None)
+        if isinstance(fq, DAQFakeQuantize):
+            fq.name = f"{name}.weight_fake_quant"
+            count += 1
+    attrs = prepared.meta.get("_observed_graph_module_attrs")
+    scopes = getattr(attrs, "node_name_to_scope", None) or {}
+    for node in prepared.graph.nodes:
+        if node.op != "call_module":
+            continue
+        fq = prepared.get_submodule(node.target)
+        if isinstance(fq, AveragedActivation):
+            continue
+        if isinstance(fq, DAQFakeQuantize) and not fq.is_weight and not fq.name:
+            fq.name = f"{node.target} ({_describe_producer(node.args[0] if node.args else None, scopes)})"
+            count += 1
+    return count
+
+
+def _check_first_batch_finite(module: nn.Module, args) -> None:
+    """Forward pre-hook of a prepared model: refuse a non-finite input while quantizers await their first batch."""
+    if getattr(module, "_daq_activations_initialized", False):
+        return
+    pending = any(isinstance(m, (DAQFakeQuantize, N2UQFakeQuantize)) and not m.is_weight
+                  and m.initialized[0] == 0 and m.observer_enabled[0] == 1 for m in module.modules())
+    if not pending:
+        module._daq_activations_initialized = True     # checked once per call until then; free afterwards
+        return
+    for index, value in enumerate(args):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            check_finite(value, f"model input {index} of the first (initialising) batch")
+
+
+def refuse_nonfinite_first_batch(model: nn.Module):
+    """Install :func:`_check_first_batch_finite` on a prepared model (``prepare_qat_fx`` and
+    ``daq_fx.pt2e.prepare_qat_pt2e`` do): a first batch with NaN / Inf raises before any layer runs
+    (no quantizer bound and no BatchNorm statistic is touched). Each quantizer checks its own first
+    input too, which covers non-finite values produced inside the model. Returns the hook handle."""
+    return model.register_forward_pre_hook(_check_first_batch_finite)
+
+
+# --------------------------------------------------------------------------------------
 # tracing errors that name the module
 # --------------------------------------------------------------------------------------
 
@@ -503,7 +881,7 @@ def _explain_trace_error(model: nn.Module, error: BaseException) -> Optional[DAQ
 def prepare_qat_fx(model: nn.Module, qconfig_mapping: QConfigMapping | Dict[str, Any],
                    example_inputs: Tuple[Any, ...], prepare_custom_config=None, backend_config=None, *,
                    backend: Optional[str] = None, prepare_timm: bool = True, relu6_to_relu: bool = True,
-                   inplace: bool = False) -> torch.fx.GraphModule:
+                   static_shapes: bool = True, inplace: bool = False) -> torch.fx.GraphModule:
     """Same signature as ``torch.ao.quantization.quantize_fx.prepare_qat_fx``, plus DAQ/timm preparation.
 
     Args:
@@ -516,6 +894,8 @@ def prepare_qat_fx(model: nn.Module, qconfig_mapping: QConfigMapping | Dict[str,
         prepare_timm: replace ``BatchNormAct2d`` (and ``ReLU6`` if ``relu6_to_relu``) first, and
             timm's ``Conv2dSame`` by its padding at the size of ``example_inputs``
             (:func:`static_same_padding`).
+        static_shapes: modules whose Python control flow depends on tensor sizes (timm's ``ConvMlp``
+            VGG head) are traced at the sizes of ``example_inputs`` (:func:`static_shape_modules`).
         inplace: modify ``model`` (default: work on a deep copy).
 
     Returns:
@@ -536,6 +916,8 @@ def prepare_qat_fx(model: nn.Module, qconfig_mapping: QConfigMapping | Dict[str,
     if prepare_timm:
         prepare_timm_model(model, relu6_to_relu=relu6_to_relu)
         static_same_padding(model, example_inputs)
+    if static_shapes:
+        static_shape_modules(model, example_inputs, prepare_custom_config)
     check_batchnorm(model)
     if backend_config is None:
         backend_config = get_daq_backend_config(backend)
@@ -550,13 +932,16 @@ def prepare_qat_fx(model: nn.Module, qconfig_mapping: QConfigMapping | Dict[str,
         if explained is None:
             raise
         raise explained.with_traceback(None) from error
-    initialize_weight_quantizers(prepared)
+    prepared.meta["daq_functional_dropouts"] = dropout_follows_training(prepared)
     intermediate_bits = getattr(qconfig_mapping, "daq_intermediate_act_bits", None)
     prepared.meta["daq_intermediate_activations"] = (
         widen_intermediate_activations(prepared, intermediate_bits) if intermediate_bits else [])
+    name_quantizers(prepared)
+    initialize_weight_quantizers(prepared)
     _apply_relu6_caps(prepared, anchors)
     _wrap_averages(prepared)
     initialize_activations_off_lattice(prepared)
+    refuse_nonfinite_first_batch(prepared)
     prepared.meta["daq_backend"] = backend
     prepared.meta["daq_backend_config"] = backend_config
     prepared.meta["daq_example_inputs"] = tuple(x.detach().clone() if isinstance(x, torch.Tensor) else x

@@ -41,7 +41,8 @@ from torch import fx, nn
 
 try:
     from torchao.quantization.pt2e import FakeQuantizeBase as _TorchaoFakeQuantizeBase
-    from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+    from torchao.quantization.pt2e import move_exported_model_to_eval as _torchao_move_to_eval
+    from torchao.quantization.pt2e import move_exported_model_to_train as _torchao_move_to_train
     from torchao.quantization.pt2e import quantize_pt2e as _quantize_pt2e
     from torchao.quantization.pt2e.quantizer import (
         QuantizationAnnotation,
@@ -58,7 +59,7 @@ from daq_core import DEFAULT_GAMMA, MAX_INT8_WEIGHT_BITS, check_bits, check_posi
 
 from .convert import bake_weight
 from .fake_quantize import ACTIVATION, WEIGHT, DAQFakeQuantize
-from .prepare import initialize_activations_off_lattice
+from .prepare import initialize_activations_off_lattice, refuse_nonfinite_first_batch
 
 __all__ = [
     "DAQFakeQuantizePT2E",
@@ -391,6 +392,71 @@ def _apply_relu6_caps(model: fx.GraphModule) -> int:
     return count
 
 
+#: aten dropouts, all ``(input, p, train)``
+_DROPOUTS = {getattr(aten, name).default for name in (
+    "dropout", "dropout_", "feature_dropout", "feature_dropout_", "alpha_dropout", "alpha_dropout_",
+    "feature_alpha_dropout", "feature_alpha_dropout_") if hasattr(aten, name)}
+#: ``model.meta`` key: for each dropout in graph order, whether it follows train / eval
+_DROPOUT_MODES = "daq_dropout_follows_mode"
+
+
+def _dropouts(model: fx.GraphModule) -> List[fx.Node]:
+    return [node for node in model.graph.nodes if node.op == "call_function" and node.target in _DROPOUTS]
+
+
+def _dropout_state(node: fx.Node) -> Tuple[Any, Any]:
+    p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p")
+    train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train")
+    return p, train
+
+
+def _move_keeping_dropouts(model: fx.GraphModule, training: bool, torchao_move) -> fx.GraphModule:
+    """torchao's move function, then every dropout gets back its own ``p`` and the right ``train`` flag.
+
+    torchao switches dropout by replacing ``aten.dropout(x, p, train)`` with a pattern traced at
+    ``p = 0.5``, matched with ``ignore_literals=True``: after ``move_exported_model_to_eval`` and
+    back to train every ``aten.dropout`` had ``p = 0.5`` (a ``resnet18(drop_rate=0.2)`` trained
+    on with 0.5), and a dropout exported off (``training=False`` in the model's code) was switched
+    on. torchao's replacement keeps the number and order of the dropout nodes, so they are restored
+    by position from the record :func:`prepare_qat_pt2e` keeps (``feature_dropout`` and
+    ``alpha_dropout`` variants, which torchao does not switch, are switched here too).
+    """
+    before = [_dropout_state(node) for node in _dropouts(model)]
+    follows = model.meta.get(_DROPOUT_MODES)
+    if follows is None or len(follows) != len(before):
+        follows = [True] * len(before)
+    torchao_move(model)
+    after = _dropouts(model)
+    if len(after) != len(before):
+        raise RuntimeError(f"torchao's move to {'train' if training else 'eval'} changed the number of dropout ops"
+                           f" ({len(before)} -> {len(after)}); cannot restore their rates")
+    changed = False
+    for node, (p, train), follow in zip(after, before, follows):
+        wanted = (p, training if follow else train)
+        if _dropout_state(node) != wanted:
+            node.args = (node.args[0], *wanted) + tuple(node.args[3:])
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k not in ("p", "train")}
+            changed = True
+    if changed:
+        model.recompile()
+    return model
+
+
+def move_exported_model_to_eval(model: fx.GraphModule) -> fx.GraphModule:
+    """torchao's ``move_exported_model_to_eval`` (BatchNorm, dropout off) keeping each dropout's rate.
+
+    See :func:`_move_keeping_dropouts`: torchao's own function left every ``aten.dropout`` at
+    ``p = 0.5`` once the model went back to train.
+    """
+    return _move_keeping_dropouts(model, False, _torchao_move_to_eval)
+
+
+def move_exported_model_to_train(model: fx.GraphModule) -> fx.GraphModule:
+    """torchao's ``move_exported_model_to_train`` keeping each dropout's rate (and a dropout exported
+    off, off)."""
+    return _move_keeping_dropouts(model, True, _torchao_move_to_train)
+
+
 def prepare_qat_pt2e(model, quantizer: Quantizer) -> fx.GraphModule:
     """torchao's ``prepare_qat_pt2e`` plus DAQ's weight initialisation and ReLU6 caps.
 
@@ -413,6 +479,9 @@ def prepare_qat_pt2e(model, quantizer: Quantizer) -> fx.GraphModule:
         raise TypeError("model must be an exported GraphModule: daq_fx.pt2e.export_for_qat(model, example_inputs)"
                         f" or torch.export.export(model, example_inputs).module(); got {type(model).__name__}")
     prepared = _quantize_pt2e.prepare_qat_pt2e(model, quantizer)
+    # exported in train mode: a dropout with train=True follows the mode, one with train=False stays off
+    prepared.meta[_DROPOUT_MODES] = [_dropout_state(node)[1] is True for node in _dropouts(prepared)]
+    _name_quantizers(prepared)
     with torch.no_grad():
         for name, fq, factor in weight_fake_quants(prepared):
             if fq.initialized[0] == 0:
@@ -422,7 +491,25 @@ def prepare_qat_pt2e(model, quantizer: Quantizer) -> fx.GraphModule:
     # first-batch activation grids off the input lattice, as in daq_fx.prepare_qat_fx (exact ties
     # would round differently in the QAT model and the lowered int kernels)
     initialize_activations_off_lattice(prepared)
+    refuse_nonfinite_first_batch(prepared)    # a NaN / Inf first batch is refused before any state changes
     return prepared
+
+
+def _name_quantizers(prepared: fx.GraphModule) -> None:
+    """``name`` of each DAQ quantizer (for messages): its module name and the op / module path it quantizes."""
+    for node in prepared.graph.nodes:
+        if node.op != "call_module":
+            continue
+        fq = prepared.get_submodule(node.target)
+        if not isinstance(fq, DAQFakeQuantize) or fq.name:
+            continue
+        source = node.args[0] if node.args else None
+        if isinstance(source, fx.Node):
+            paths = _module_path(source)
+            where = f" in {paths[-1]!r}" if paths and paths[-1] else ""
+            fq.name = f"{node.target} ({source.name}{where})"
+        else:
+            fq.name = node.target
 
 
 # --------------------------------------------------------------------------------------
