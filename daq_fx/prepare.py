@@ -40,7 +40,7 @@ from .qconfig import get_daq_backend_config
 
 __all__ = ["prepare_qat_fx", "prepare_timm_model", "check_batchnorm", "initialize_weight_quantizers",
            "initialize_activations_off_lattice", "OFF_LATTICE_FACTOR", "static_same_padding", "static_shape_modules",
-           "dropout_follows_training", "name_quantizers", "refuse_nonfinite_first_batch",
+           "dropout_follows_training", "stochastic_depth_modules", "name_quantizers", "refuse_nonfinite_first_batch",
            "weight_fold_factor", "DAQPrepareError"]
 
 
@@ -783,6 +783,33 @@ def dropout_follows_training(graph_module: torch.fx.GraphModule) -> List[str]:
     return added
 
 
+def stochastic_depth_modules(model: nn.Module) -> List[str]:
+    """Names of timm ``DropPath`` / ``DropBlock2d`` modules with ``drop_prob > 0``.
+
+    Their forward branches on ``self.training`` in Python (``if drop_prob == 0 or not training:
+    return x``): torch.fx traced it in train mode into ``bernoulli_`` ops that stay in the graph —
+    the QAT model kept dropping residual branches in eval, and torch.ao put a fake-quant on the
+    traced shape arithmetic (a tuple: the first batch failed with "'tuple' object has no attribute
+    'detach'"). ``prepare_qat_fx`` makes these modules leaves (non-traceable, so they follow
+    train / eval as modules) that share their input's quantizer
+    (:func:`daq_fx.get_daq_backend_config`); ``convert_fx`` keeps them as identities.
+    """
+    from .qconfig import _stochastic_depth_classes
+    classes = _stochastic_depth_classes()
+    return [name for name, module in model.named_modules()
+            if name and classes and isinstance(module, classes) and float(getattr(module, "drop_prob", 0) or 0) > 0]
+
+
+def _with_leaf_modules(prepare_custom_config, names: List[str]):
+    """A copy of ``prepare_custom_config`` (or a new one) that also keeps ``names`` untraced."""
+    if not names:
+        return prepare_custom_config
+    config = copy.deepcopy(_prepare_custom_config(prepare_custom_config))
+    config.set_non_traceable_module_names(list(config.non_traceable_module_names) +
+                                          [n for n in names if n not in config.non_traceable_module_names])
+    return config
+
+
 def _describe_producer(node: Any, scopes: Dict[str, Tuple[str, Any]]) -> str:
     if not isinstance(node, torch.fx.Node):
         return "a constant"
@@ -891,9 +918,10 @@ def prepare_qat_fx(model: nn.Module, qconfig_mapping: QConfigMapping | Dict[str,
         prepare_custom_config, backend_config: as in torch.ao. ``backend_config=None`` uses torch's
             config for the backend with dropout sharing its input's qparams.
         backend: ``"x86"``, ``"fbgemm"`` or ``"qnnpack"``; default: the one the mapping was made for.
-        prepare_timm: replace ``BatchNormAct2d`` (and ``ReLU6`` if ``relu6_to_relu``) first, and
+        prepare_timm: replace ``BatchNormAct2d`` (and ``ReLU6`` if ``relu6_to_relu``) first,
             timm's ``Conv2dSame`` by its padding at the size of ``example_inputs``
-            (:func:`static_same_padding`).
+            (:func:`static_same_padding`), and keep active ``DropPath`` / ``DropBlock2d`` as leaf
+            modules that follow train / eval (:func:`stochastic_depth_modules`).
         static_shapes: modules whose Python control flow depends on tensor sizes (timm's ``ConvMlp``
             VGG head) are traced at the sizes of ``example_inputs`` (:func:`static_shape_modules`).
         inplace: modify ``model`` (default: work on a deep copy).
@@ -916,8 +944,9 @@ def prepare_qat_fx(model: nn.Module, qconfig_mapping: QConfigMapping | Dict[str,
     if prepare_timm:
         prepare_timm_model(model, relu6_to_relu=relu6_to_relu)
         static_same_padding(model, example_inputs)
-    if static_shapes:
-        static_shape_modules(model, example_inputs, prepare_custom_config)
+    if prepare_timm:
+        prepare_custom_config = _with_leaf_modules(prepare_custom_config, stochastic_depth_modules(model))
+    specialised = static_shape_modules(model, example_inputs, prepare_custom_config) if static_shapes else []
     check_batchnorm(model)
     if backend_config is None:
         backend_config = get_daq_backend_config(backend)
@@ -932,6 +961,7 @@ def prepare_qat_fx(model: nn.Module, qconfig_mapping: QConfigMapping | Dict[str,
         if explained is None:
             raise
         raise explained.with_traceback(None) from error
+    prepared.meta["daq_static_shape_modules"] = specialised
     prepared.meta["daq_functional_dropouts"] = dropout_follows_training(prepared)
     intermediate_bits = getattr(qconfig_mapping, "daq_intermediate_act_bits", None)
     prepared.meta["daq_intermediate_activations"] = (

@@ -64,6 +64,7 @@ from .prepare import initialize_activations_off_lattice, refuse_nonfinite_first_
 __all__ = [
     "DAQFakeQuantizePT2E",
     "DAQQuantizer",
+    "DropPathAsDropout",
     "export_for_qat",
     "prepare_qat_pt2e",
     "convert_pt2e",
@@ -297,7 +298,10 @@ def export_for_qat(model: nn.Module, example_inputs: Tuple[Any, ...], *, dynamic
 
     Export in train mode (BatchNorm with batch statistics, as QAT trains); timm models need no
     rewriting (``BatchNormAct2d`` exports to ``batch_norm`` + activation, ``ReLU6`` to
-    ``hardtanh(0, 6)``). Zero BN γ (timm ``zero_init_last``) is rejected as in the FX flow.
+    ``hardtanh(0, 6)``) except timm's ``DropPath`` with ``drop_prob > 0``, exported as
+    :class:`DropPathAsDropout` so that it follows :func:`move_exported_model_to_eval` / ``_train``
+    (``model`` itself is left as it was). Zero BN γ (timm ``zero_init_last``) is rejected as in
+    the FX flow.
     ``dynamic_batch`` (default) leaves the first dimension of every tensor input dynamic (otherwise
     the exported graph only accepts the example's batch size); ``export_kwargs`` go to
     ``torch.export.export`` (``dynamic_shapes=`` there overrides it).
@@ -310,7 +314,48 @@ def export_for_qat(model: nn.Module, example_inputs: Tuple[Any, ...], *, dynamic
     if dynamic_batch and "dynamic_shapes" not in export_kwargs:
         export_kwargs["dynamic_shapes"] = tuple({0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) else None
                                                 for x in example_inputs)
-    return torch.export.export(model, example_inputs, **export_kwargs).module()
+    swapped = _swap_drop_paths(model)
+    try:
+        return torch.export.export(model, example_inputs, **export_kwargs).module()
+    finally:
+        for parent, child, original in swapped:
+            setattr(parent, child, original)
+
+
+class DropPathAsDropout(nn.Module):
+    """timm's ``DropPath`` (stochastic depth, ``scale_by_keep=True``) written with ``F.dropout``.
+
+    ``torch.export`` in train mode turns ``DropPath``'s ``if not self.training`` into ``bernoulli_``
+    ops that stay in the graph: after ``move_exported_model_to_eval`` the model still dropped
+    residual branches. Here the per-sample mask is ``dropout(ones(B, 1, ...), p)``, an
+    ``aten.dropout`` that :func:`move_exported_model_to_eval` switches off (the mask becomes
+    exactly 1) and :func:`move_exported_model_to_train` back on.
+    """
+
+    def __init__(self, drop_prob: float) -> None:
+        super().__init__()
+        self.drop_prob = float(drop_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = x.new_ones((x.shape[0],) + (1,) * (x.dim() - 1))
+        return x * torch.nn.functional.dropout(mask, self.drop_prob, self.training)
+
+
+def _swap_drop_paths(model: nn.Module) -> List[Tuple[nn.Module, str, nn.Module]]:
+    """Replace (in place; the caller restores) timm ``DropPath(drop_prob > 0, scale_by_keep)`` modules."""
+    try:
+        from timm.layers import DropPath
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return []
+    swapped = []
+    for parent in list(model.modules()):
+        for child, module in list(parent.named_children()):
+            if type(module) is DropPath and module.drop_prob > 0 and getattr(module, "scale_by_keep", True):
+                replacement = DropPathAsDropout(module.drop_prob)
+                replacement.train(module.training)
+                setattr(parent, child, replacement)
+                swapped.append((parent, child, module))
+    return swapped
 
 
 def _evaluate(node: Any, model: fx.GraphModule, cache: Dict[fx.Node, Any]):

@@ -139,9 +139,19 @@ def get_daq_qat_qconfig_mapping(backend: str = "x86", weight_bits: int = 4, act_
     return mapping
 
 
+def _stochastic_depth_classes() -> tuple:
+    """timm's ``DropPath`` / ``DropBlock2d``: identity in eval (``daq_fx.prepare_qat_fx`` keeps active
+    ones as leaf modules, see ``daq_fx.prepare.stochastic_depth_modules``)."""
+    try:
+        from timm.layers import DropBlock2d, DropPath
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return ()
+    return (DropPath, DropBlock2d)
+
+
 def get_daq_backend_config(backend: str = "x86") -> BackendConfig:
-    """torch's ``BackendConfig`` for ``backend`` with dropout, flatten and zero padding sharing their
-    input's qparams.
+    """torch's ``BackendConfig`` for ``backend`` with dropout (also timm's ``DropPath`` / ``DropBlock2d``),
+    flatten and zero padding sharing their input's qparams.
 
     The lowered dropout does not requantize, so a separate output fake-quant would make the
     QAT and converted models diverge (INTEGRATION-NOTES); sharing the observer keeps them equal.
@@ -156,7 +166,7 @@ def get_daq_backend_config(backend: str = "x86") -> BackendConfig:
             dtype_configs = pattern_config.dtype_configs
     # dropout: the lowered op does not requantize; flatten (method / nn.Flatten, e.g. timm's
     # SelectAdaptivePool2d head) only reshapes; zero padding adds 0, a grid value: all keep their input's grid
-    for op in (nn.Dropout, torch.nn.functional.dropout, nn.Flatten, "flatten", nn.ZeroPad2d):
+    for op in (nn.Dropout, torch.nn.functional.dropout, nn.Flatten, "flatten", nn.ZeroPad2d) + _stochastic_depth_classes():
         config.set_backend_pattern_config(
             BackendPatternConfig(op)
             .set_observation_type(ObservationType.OUTPUT_SHARE_OBSERVER_WITH_INPUT)

@@ -115,7 +115,6 @@ def test_shape_dependent_head_is_traced_at_the_example_shapes():
     with pytest.raises(Exception):
         torch.ao.quantization.quantize_fx.prepare_qat_fx(model, _mapping(), (torch.randn(2, 3, 8, 8),))
     qat = daq_fx.prepare_qat_fx(model, _mapping(), (torch.randn(2, 3, 8, 8),))
-    assert isinstance(qat.get_submodule("3"), nn.Module)
     assert "adaptive_avg_pool2d" in qat.code          # the branch taken at 2x2 features
     assert isinstance(qat.get_submodule("3.fc1").weight_fake_quant, DAQFakeQuantize)   # quantized, not float
     qat(torch.randn(8, 3, 8, 8))
@@ -127,6 +126,7 @@ def test_shape_dependent_head_is_traced_at_the_example_shapes():
         assert expected.shape == (5, 5)
         assert torch.allclose(qat(x[:2]), expected[:2], atol=1e-6)
         assert torch.allclose(int8(x), expected, atol=1e-4)
+    assert qat.meta["daq_static_shape_modules"] == ["3"]
 
 
 def test_value_dependent_control_flow_is_still_reported():
@@ -210,3 +210,53 @@ def test_normal_ranges_are_not_widened():
     with warnings.catch_warnings():
         warnings.simplefilter("error", daq_core.DAQInitWarning)
         fq(torch.randn(256) * 1e-2)
+
+
+class DropPathNet(nn.Module):
+    """A residual block with timm's stochastic depth (``drop_path_rate > 0`` in timm models)."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers import DropPath
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.drop_path = DropPath(0.5)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(x + self.drop_path(self.bn2(self.conv2(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_drop_path_follows_train_and_eval():
+    torch.manual_seed(0)
+    qat = daq_fx.prepare_qat_fx(DropPathNet(), _mapping(), (torch.randn(2, 3, 8, 8),))
+    x = torch.randn(16, 3, 8, 8)
+    with torch.no_grad():
+        qat(x)                                        # before: "'tuple' object has no attribute 'detach'"
+        qat.eval()
+        expected = qat(x)
+        assert torch.equal(expected, qat(x))          # before: bernoulli_ traced in, still dropping
+        int8 = daq_fx.convert_fx(qat)
+        assert torch.allclose(int8(x), expected, atol=1e-5)
+        qat.train()
+        assert not torch.equal(qat(x), qat(x))
+
+
+def test_pt2e_drop_path_follows_train_and_eval():
+    pytest.importorskip("torchao.quantization.pt2e", reason="needs torchao (pip install 'daq-quant[pt2e]')")
+    from daq_fx import pt2e
+    torch.manual_seed(0)
+    model = DropPathNet()
+    qat = pt2e.prepare_qat_pt2e(pt2e.export_for_qat(model, (torch.randn(2, 3, 8, 8),)), pt2e.DAQQuantizer(4, 4))
+    assert type(model.drop_path).__name__ == "DropPath"      # the user's model is left as it was
+    x = torch.randn(16, 3, 8, 8)
+    with torch.no_grad():
+        qat(x)
+        assert not torch.equal(qat(x), qat(x))
+        pt2e.move_exported_model_to_eval(qat)
+        assert torch.equal(qat(x), qat(x))            # before: bernoulli_ exported, still dropping
