@@ -28,7 +28,7 @@ DEFAULTS = dict(model="mobilenetv2_100", framework="fx", bits=(4, 4), epochs=100
 #: the offline demo: Fashion-MNIST at 32 px, float pre-training then DAQ fine-tuning (~5 min on 2 cores)
 #: (QAT with BatchNorm frozen, KD from the float model and quantizer lr 1e-3: measured 74.3 -> 69.4 vs
 #: 74.3 -> 42.2 with the paper's settings on this short budget; with 8-bit residual-add operands
-#: 72.95 -> 70.30 vs 68.35 with 4-bit ones; see README "Measured results")
+#: 72.95 -> 70.30 vs 68.35 with 4-bit ones; see docs/recipes.md "Measured results")
 DEMO = dict(data="fashion-mnist", img_size=32, train_subset=10000, qat_train_subset=6000, val_subset=2000,
             float_epochs=3, float_lr=0.05, warmup_steps=100, epochs=1, lr=5e-3, batch_size=64, weight_decay=4e-5,
             quant_lr=1e-3, freeze_bn=True, distill=True, output="runs/demo-mobilenetv2-w4a4")
