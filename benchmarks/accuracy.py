@@ -207,7 +207,7 @@ def run_row(args, method: str, bits: str, float_model: Path, out: Path) -> Dict:
     if rc == 0 and report.is_file():
         rep = json.loads(report.read_text())
         for key in ("float_acc", "after_prepare_acc", "qat_acc", "int_acc", "agreement", "qat_minus_float",
-                    "train_images", "val_images", "batch_size", "lr", "quant_lr", "data", "eval_split"):
+                    "train_images", "val_images", "batch_size", "lr", "quant_lr", "data", "eval_split", "tune_acc"):
             row[key] = rep.get(key)
         row["qat_steps"] = _qat_steps(run_dir)
     else:

@@ -60,6 +60,10 @@ class DataBundle:
     #: which images ``val`` holds: ``"test"`` (unseen test images), ``"carved"`` (a split carved from
     #: the training images: for tuning only) or ``"val"`` (an ImageFolder root's own val/)
     eval_split: str = "val"
+    #: the split carved from the training images (for tuning; ``None`` where the dataset has none):
+    #: CIFAR-10 ImageFolder copies fill it whatever ``eval_split`` is, so a run can report the
+    #: carved-split accuracy it is tuned on beside the test accuracy it is reported on
+    tune: Optional[Dataset] = None
 
 
 # --------------------------------------------------------------------------------------
@@ -291,13 +295,13 @@ def load_cifar10(img_size: int, data_root: Optional[str] = None, download: bool 
                                 f" validation images from it")
             val_mask[idx[-val_per_class:]] = True
         train = TensorImageDataset(images[~val_mask], labels[~val_mask], img_size, CIFAR_MEAN, CIFAR_STD, True)
+        carved = TensorImageDataset(images[val_mask], labels[val_mask], img_size, CIFAR_MEAN, CIFAR_STD, False)
         use_test = eval_split == "test" or (eval_split == "auto" and (root / "test").is_dir())
         if not use_test:
             return DataBundle(
-                train, TensorImageDataset(images[val_mask], labels[val_mask], img_size, CIFAR_MEAN, CIFAR_STD, False),
-                10, img_size, True,
+                train, carved, 10, img_size, True,
                 f"CIFAR-10 ImageFolder {root}/train; eval = carved split (last {val_per_class} training images"
-                f" of each class: for tuning; the shared pretrained ResNet-20 saw them)", "carved")
+                f" of each class: for tuning; the shared pretrained ResNet-20 saw them)", "carved", carved)
         if not (root / "test").is_dir():
             raise DataError(f"eval_split='test' but {root}/test does not exist: extract the CIFAR-10 test images"
                             f" beside train/, e.g. {_extract_hint(root)}")
@@ -308,7 +312,7 @@ def load_cifar10(img_size: int, data_root: Optional[str] = None, download: bool 
             train, TensorImageDataset(test_images, test_labels, img_size, CIFAR_MEAN, CIFAR_STD, False),
             10, img_size, True,
             f"CIFAR-10 ImageFolder {root}/train (minus the last {val_per_class} images of each class, kept for"
-            f" tuning); eval = {root}/test ({len(test_labels)} unseen test images)", "test")
+            f" tuning); eval = {root}/test ({len(test_labels)} unseen test images)", "test", carved)
     if download:
         import torchvision
         dst = DEFAULT_CACHE / "torchvision"

@@ -82,6 +82,9 @@ def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
     g.add_argument("--eval-split", default="auto", choices=data_mod.EVAL_SPLITS,
                    help="cifar10: evaluate on ROOT/test (unseen test images; auto = when it exists) or on the"
                         " carved split (for tuning only: never choose anything by the test split)")
+    g.add_argument("--tune-eval", action="store_true",
+                   help="cifar10 with --eval-split test: also evaluate the final QAT model on the carved split"
+                        " (report: tune_acc), so a grid can be chosen on it and reported on the test images")
     g.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 in-memory, 4 ImageFolder)")
     g = p.add_argument_group("model")
     g.add_argument("--model", help="timm model name")
@@ -402,6 +405,9 @@ class Pipeline:
         self.qat_train_set = data_mod.subset(self.float_train_set, a.qat_train_subset, a.seed + 1)
         self.train_set = self.float_train_set
         self.val_set = data_mod.subset(self.data.val, a.val_subset, a.seed)
+        if getattr(a, "tune_eval", False) and self.data.tune is None:
+            raise RecipeError(f"--tune-eval needs a split carved from the training images; --data {a.data} has none"
+                              f" (it applies to --data cifar10 with an ImageFolder copy)")
         if len(self.train_set) == 0 or len(self.val_set) == 0:
             raise RecipeError("the training or validation set is empty")
         # validate the model name (and the initial checkpoint) before any training; random init is seeded
@@ -748,6 +754,10 @@ class Pipeline:
         val_loader = self.loader(self.val_set, False)
         ev_q = evaluate(qat, val_loader, self.device, "val (QAT)", not a.no_progress, return_preds=True)
         self.results["qat_acc"] = ev_q["acc"]
+        if getattr(a, "tune_eval", False):
+            tune_set = data_mod.subset(self.data.tune, a.val_subset, a.seed)
+            self.results["tune_acc"] = evaluate(qat, self.loader(tune_set, False), self.device, "tune (QAT)",
+                                                not a.no_progress)["acc"]
         example = torch.stack([self.val_set[i][0] for i in range(min(a.latency_batch, len(self.val_set)))])
         try:
             int_model, artifacts = quant_mod.convert(qat, self.spec, self.out, (example,))
@@ -804,7 +814,7 @@ def write_report(p: Pipeline) -> Dict:
         "freeze_bn": a.freeze_bn, "calibrate_scales": a.calibrate_scales,
         "processes": p.dist.world, "device": str(p.device), "seed": a.seed,
         "float_acc": fa, "after_prepare_acc": r.get("after_prepare_acc"), "qat_acc": qa, "int_acc": ia,
-        "agreement": r.get("agreement"),
+        "agreement": r.get("agreement"), "tune_acc": r.get("tune_acc"),
         "qat_minus_float": None if fa is None or qa is None else qa - fa,
         "int_minus_qat": None if ia is None or qa is None else ia - r.get("qat_acc_same_images", qa),
         "int_eval_images": r.get("int_eval_images", p.results.get("val_n")), "int_backend": r.get("int_backend", "x86 int8 (torch.ao lowered)" if ia is not None else None),
@@ -836,6 +846,8 @@ def write_report(p: Pipeline) -> Dict:
         f"| float accuracy | {_fmt(fa)} |",
         f"| right after prepare | {_fmt(r.get('after_prepare_acc'))} |",
         f"| QAT (fake-quant) accuracy | {_fmt(qa)} |",
+        *([f"| QAT accuracy on the carved tuning split (--tune-eval) | {_fmt(r['tune_acc'])} |"]
+          if r.get("tune_acc") is not None else []),
         (f"| exported QONNX accuracy (qonnx executor, first {r['int_eval_images']} val images; QAT on the same:"
          f" {_fmt(r.get('qat_acc_same_images'))}) | {_fmt(ia)} |" if r.get("int_eval_images") else
          f"| converted int accuracy (x86 int8 model) | {_fmt(ia)} |"),

@@ -91,3 +91,9 @@ def test_bad_bits_argument(capsys, tiny_data, tmp_path):
     with pytest.raises(SystemExit) as e:
         resnet20_cifar10.main(base_args(tiny_data, tmp_path / "out") + ["--bits", "W4"])
     assert e.value.code == 2 and "WxAy" in capsys.readouterr().err
+
+
+def test_tune_eval_needs_a_carved_split(capsys, tiny_data, tmp_path):
+    # an ImageFolder root with its own val/ has no split carved from the training images
+    rc, err = run(capsys, base_args(tiny_data, tmp_path / "out") + ["--tune-eval"])
+    assert rc != 0 and "--tune-eval" in err and "carved" in err

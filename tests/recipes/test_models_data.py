@@ -87,3 +87,52 @@ def test_shared_resnet20_checkpoint_loads_and_classifies(shared_data):
     with torch.no_grad():
         acc = (model(x).argmax(1) == y).float().mean().item()
     assert acc > 0.8, acc  # training images of a 91.8% model, JPEG-compressed
+
+
+def _cifar_like_root(root, train_per_class=6, test_per_class=2):
+    """An ImageFolder copy laid out like the extracted archives: ROOT/train/<class>/, ROOT/test/<class>/."""
+    from PIL import Image
+    import numpy as np
+
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        for c in range(10):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                # pixel value encodes (split, class, index): every image is distinct and traceable
+                v = (0 if split == "train" else 128) + 10 * c + i
+                Image.fromarray(np.full((8, 8, 3), v, dtype=np.uint8)).save(d / f"{i:03d}.png")
+    return root
+
+
+def _values(ds):
+    return sorted(int(ds.images[i, 0, 0, 0]) for i in range(len(ds)))
+
+
+def test_cifar10_eval_splits_and_the_carved_tuning_split(tmp_path):
+    root = _cifar_like_root(tmp_path / "c10")
+    test = data_mod.load_cifar10(8, str(root), val_per_class=2, eval_split="test")
+    auto = data_mod.load_cifar10(8, str(root), val_per_class=2, eval_split="auto")
+    carved = data_mod.load_cifar10(8, str(root), val_per_class=2, eval_split="carved")
+    assert test.eval_split == auto.eval_split == "test" and carved.eval_split == "carved"
+    # test: the ROOT/test images; carved: the last 2 training images of each class, never trained on
+    assert _values(test.val) == sorted(128 + 10 * c + i for c in range(10) for i in range(2))
+    carved_values = sorted(10 * c + i for c in range(10) for i in (4, 5))
+    assert _values(carved.val) == carved_values
+    # the tuning split is the carved one whatever the eval split, and disjoint from training
+    for bundle in (test, carved):
+        assert _values(bundle.tune) == carved_values
+        assert not set(_values(bundle.train)) & set(carved_values)
+        assert len(bundle.train) == 40
+    assert "unseen test images" in test.description and "carved" in carved.description
+
+
+def test_cifar10_test_split_requested_but_absent_says_how_to_extract(tmp_path):
+    root = _cifar_like_root(tmp_path / "c10")
+    import shutil
+    shutil.rmtree(root / "test")
+    assert data_mod.load_cifar10(8, str(root), val_per_class=2, eval_split="auto").eval_split == "carved"
+    with pytest.raises(data_mod.DataError, match="test does not exist: extract"):
+        data_mod.load_cifar10(8, str(root), val_per_class=2, eval_split="test")
+    with pytest.raises(data_mod.DataError, match="eval_split must be one of"):
+        data_mod.load_cifar10(8, str(root), val_per_class=2, eval_split="val")
