@@ -99,7 +99,8 @@ def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
     g.add_argument("--compile-kernels", action="store_true", help="torch.compile the DAQ element-wise kernels")
     g.add_argument("--calibrate-scales", action=argparse.BooleanOptionalAction, default=None,
                    help="fx DAQ: fit the weight quantizers' output scales and the layer biases to the calibration"
-                        " batch after initialisation (DAQ-SPEC §5, daq_fx.calibrate_output_scales); default: on"
+                        " batch after initialisation (DAQ-SPEC §5, daq_fx.calibrate_output_scales); N2UQ: re-estimate the BN"
+                        " statistics on it (recipes.quant.reestimate_batchnorm); default: on"
                         " with --freeze-bn (where it was measured), off when BN trains on batch statistics")
     g.add_argument("--intermediate-act-bits", type=int, default=None,
                    help="fx DAQ: bits for activations that are not a quantized layer's input (residual-add"
