@@ -2,8 +2,9 @@
 
 One batch, the same initialised model, two backward passes: DAQ with DASR (``rounding="dasr"``)
 and the same quantizers with a straight-through backward (``rounding="ste"``; the forwards are
-identical). Prints and writes, per quantized conv in execution order, ``|∂L/∂W|_dasr / |∂L/∂W|_ste``
-for three quantization layouts of the CIFAR-10 ResNet-20:
+identical). Prints and writes, per quantized conv in execution order, ``|∂L/∂W|_dasr / |∂L/∂W|_ste``,
+and per DAQ quantizer the same ratio for the gradients of its learned parameters (bounds ``l, u``,
+weight output scale ``s``; ``quantizer_param_ratios``) for three quantization layouts of the CIFAR-10 ResNet-20:
 
 * ``fx-all``: ``daq_fx`` with every activation at A bits, residual-add operands included (the
   accuracy benchmark's ``daq-fx`` / ``daq-ste`` rows);
@@ -55,8 +56,30 @@ def _images(per_class: int, mean, std):
     return x, labels
 
 
-def _ratios(prepare, names: List[str], init_x, x, y) -> Dict[str, float]:
-    norms = {}
+#: the DAQ quantizer parameters compared, by kind: weight quantizers' bounds ``l, u`` and output
+#: scale ``s``, activation quantizers' bounds ``l, u``
+PARAM_KINDS = ("weight l", "weight u", "weight s", "activation l", "activation u")
+
+
+def _quantizer_grads(qat) -> Dict[str, List[float]]:
+    """|grad| of every DAQ quantizer parameter, by kind, in module order."""
+    from torch.ao.quantization import FakeQuantizeBase
+
+    out: Dict[str, List[float]] = {k: [] for k in PARAM_KINDS}
+    for name, mod in qat.named_modules():
+        if not isinstance(mod, FakeQuantizeBase):
+            continue
+        role = "weight" if name.endswith("weight_fake_quant") else "activation"
+        for pname, short in (("lower_bound", "l"), ("upper_bound", "u"), ("output_scale", "s")):
+            p = getattr(mod, pname, None)
+            if isinstance(p, torch.nn.Parameter) and p.requires_grad and f"{role} {short}" in out:
+                out[f"{role} {short}"].append(float(p.grad.abs().sum()) if p.grad is not None else 0.0)
+    return out
+
+
+def _ratios(prepare, names: List[str], init_x, x, y):
+    """Per conv ``|dL/dW|`` DASR/STE, and per quantizer-parameter kind the DASR/STE ratios of ``|grad|``."""
+    norms, qgrads = {}, {}
     for rounding in ("dasr", "ste"):
         torch.manual_seed(0)
         qat = prepare(rounding)
@@ -65,7 +88,16 @@ def _ratios(prepare, names: List[str], init_x, x, y) -> Dict[str, float]:
         qat.zero_grad()
         F.cross_entropy(qat(x), y).backward()
         norms[rounding] = {n: float(qat.get_submodule(n).weight.grad.norm()) for n in names}
-    return {n: norms["dasr"][n] / max(norms["ste"][n], 1e-30) for n in names}
+        qgrads[rounding] = _quantizer_grads(qat)
+    weights = {n: norms["dasr"][n] / max(norms["ste"][n], 1e-30) for n in names}
+    params = {k: [d / s if s > 0 else None for d, s in zip(qgrads["dasr"][k], qgrads["ste"][k])]
+              for k in PARAM_KINDS if qgrads["ste"][k]}
+    return weights, params
+
+
+def _median(values):
+    v = sorted(x for x in values if x is not None)
+    return v[len(v) // 2] if v else None
 
 
 def main(argv=None) -> int:
@@ -77,6 +109,7 @@ def main(argv=None) -> int:
     w, a = (int(v) for v in args.bits.upper()[1:].split("A"))
     per_class = (2 * args.images + 9) // 10
     out: Dict[str, Dict[str, float]] = {}
+    params: Dict[str, Dict[str, List[float]]] = {}
 
     model = models.create_model("resnet20_cifar", 10, initial_checkpoint=str(SHARED / "resnet20-cifar10-12fca82f.th"))
     x, y = _images(per_class, data.CIFAR_MEAN, data.CIFAR_STD)
@@ -87,18 +120,24 @@ def main(argv=None) -> int:
             mapping = daq_fx.get_daq_qat_qconfig_mapping("x86", w, a, rounding=rounding, intermediate_act_bits=inter,
                                                          float_module_names=daq_fx.first_and_last_layer_names(model))
             return daq_fx.prepare_qat_fx(copy.deepcopy(model).train(), mapping, (x[:2],))
-        out[layout] = _ratios(prepare, names, init_x, x, y)
+        out[layout], params[layout] = _ratios(prepare, names, init_x, x, y)
 
     fp = ref.load_reference_float(SHARED / "daq-reference" / "cifar10_fp.pth")
     rx, ry = _images(per_class, data.IMAGENET_MEAN, data.IMAGENET_STD)
     rinit, rx, ry = rx[:args.images], rx[args.images:2 * args.images], ry[args.images:2 * args.images]
-    out["paper"] = _ratios(lambda r: ref.prepare_reference_fx(copy.deepcopy(fp), w, a, rounding=r),
+    out["paper"], params["paper"] = _ratios(lambda r: ref.prepare_reference_fx(copy.deepcopy(fp), w, a, rounding=r),
                            fp.quantized_conv_names(), rinit, rx, ry)
 
     print(f"|dL/dW| DASR / STE per quantized conv, input to output ({args.bits}, {args.images} images):")
     for layout, ratios in out.items():
         print(f"{layout:8s} " + " ".join(f"{v:.3f}" for v in ratios.values()))
+    print("|dL/dparam| DASR / STE of the quantizer parameters, median over quantizers (first .. last):")
+    for layout, kinds in params.items():
+        kept = {k: [x for x in v if x is not None] for k, v in kinds.items()}   # None: no gradient under either
+        print(f"{layout:8s} " + "; ".join(f"{k} {_median(v):.3f} ({v[0]:.3f} .. {v[-1]:.3f})"
+                                          for k, v in kept.items() if v))
     Path(args.output).write_text(json.dumps({"bits": args.bits, "images": args.images, "ratios": out,
+                                             "quantizer_param_ratios": params,
                                              "command": "python -m benchmarks.dasr_gradients " + " ".join(
                                                  sys.argv[1:] if argv is None else argv)}, indent=2) + "\n")
     return 0
