@@ -428,6 +428,25 @@ def run_row(row: str, args, argv: Sequence[str], data: Data, log=print) -> Dict:
         return _run_row(row, args, argv, data, work, log)
 
 
+def _refuse_to_overwrite(json_path: Path, ckpt_path: Path, row: str, restart: bool) -> None:
+    """A row JSON that records finished epochs is never overwritten by a fresh start.
+
+    Starting afresh happens when the row's checkpoint is missing (another machine, a cleaned work dir):
+    without this check the first write of the new run replaced the recorded epochs with none.
+    """
+    if restart or not json_path.is_file():
+        return
+    try:
+        done = len(json.loads(json_path.read_text()).get("epochs", []))
+    except (ValueError, OSError):
+        return
+    if done:
+        raise SystemExit(f"row {row}: {json_path} records {done} finished epoch(s) but its checkpoint {ckpt_path} is"
+                         f" missing, so the row cannot resume. Starting afresh would overwrite those epochs: pass"
+                         f" --work-dir where the checkpoint is, --results-dir elsewhere for a new run, or --restart"
+                         f" to start this row again and replace its JSON")
+
+
 def _run_row(row: str, args, argv: Sequence[str], data: Data, work: Path, log) -> Dict:
     from recipes.train import atomic_save, rng_state, set_rng_state
 
@@ -467,6 +486,7 @@ def _run_row(row: str, args, argv: Sequence[str], data: Data, work: Path, log) -
         del ckpt
         log(f"[{row}] resuming after epoch {len(state['epochs'])}/{args.epochs} ({ckpt_path})")
     else:
+        _refuse_to_overwrite(json_path, ckpt_path, row, getattr(args, "restart", False))
         t0 = time.time()
         float_acc = evaluate(load_float(args.checkpoint), data.test_images, data.test_labels, device="cpu")
         first_x, _ = next(epoch_batches(data, 0, args.seed, args.batch_size))
@@ -684,6 +704,9 @@ def parse_args(argv=None):
     p.add_argument("--test-subset", type=int, default=None, help="smoke runs: evaluate on N test images")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--restart", action="store_true",
+                   help="start rows afresh even where their JSON records epochs but no checkpoint is found"
+                        " (the JSON is replaced)")
     p.add_argument("--log-every", type=int, default=20, help="print a line every N steps (0: per epoch only)")
     args = p.parse_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]

@@ -248,3 +248,19 @@ def test_one_process_per_row(tmp_path):
     (tmp_path / "lock").write_text(str(gone.pid))         # left by a process that no longer runs
     with bench.RowLock(tmp_path, "dasr"):
         assert (tmp_path / "lock").read_text() == str(os.getpid())
+
+
+def test_missing_checkpoint_never_overwrites_recorded_epochs(tmp_path):
+    """A row whose checkpoint is gone (another machine, a cleaned work dir) must not restart over its JSON."""
+    data, ckpt = _image_folder(tmp_path / "data"), _checkpoint(tmp_path)
+    assert _run(data, ckpt, tmp_path / "r", tmp_path / "w1", "--stop-after", "1") == 0
+    json_path = tmp_path / "r" / "dasr-W1A1.json"
+    recorded = json_path.read_text()
+    assert len(json.loads(recorded)["epochs"]) == 1
+    # same results dir, an empty work dir: refused, naming the way out, and the JSON is untouched
+    with pytest.raises(SystemExit, match="records 1 finished epoch.*--restart"):
+        _run(data, ckpt, tmp_path / "r", tmp_path / "w2")
+    assert json_path.read_text() == recorded
+    # --restart starts the row again on purpose
+    assert _run(data, ckpt, tmp_path / "r", tmp_path / "w3", "--restart") == 0
+    assert json.loads(json_path.read_text())["epochs_done"] == 2
