@@ -113,3 +113,21 @@ def test_fx_quantizers_built_for_a_device_hold_all_their_state_there(make):
 def test_averaged_activation_sits_on_its_source_device():
     source = DAQFakeQuantize("activation", 4, factory_kwargs={"device": torch.device("meta")})
     _assert_on(AveragedActivation(source), "meta")
+
+
+def test_convert_fx_refuses_a_model_off_the_cpu_and_moves_recorded_example_inputs():
+    import daq_fx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    example = (torch.randn(2, 3, 6, 6),)
+    qat = daq_fx.prepare_qat_fx(model, daq_fx.get_daq_qat_qconfig_mapping("x86", 4, 4), example)
+    qat(torch.randn(8, 3, 6, 6))
+    with pytest.raises(ValueError, match="move the trained QAT model to the CPU"):
+        daq_fx.convert_fx(__import__("copy").deepcopy(qat).to("meta"))
+    # inputs recorded by prepare on another device are taken to the CPU (a GPU in practice)
+    from daq_fx.convert import _on_cpu
+    moved = _on_cpu((torch.zeros(1), [torch.ones(2)], {"a": 1}))
+    assert moved[0].device.type == "cpu" and moved[1][0].device.type == "cpu" and moved[2] == {"a": 1}
+    int8 = daq_fx.convert_fx(qat.eval())
+    assert int8(example[0]).shape == (2, 3)
