@@ -10,8 +10,9 @@ Weights: forward+backward of the per-channel DAQ weight quantizer as ``daq_fx`` 
 bounds and output scale) on a 256x256x3x3 weight, divided by the time of
 ``torch.fake_quantize_per_channel_affine`` (STE, no observer) on the same weight.
 
-    python -m benchmarks.op_cost            # full size, compiled and eager kernels
-    python -m benchmarks.op_cost --quick    # small tensors, a few seconds
+    python -m benchmarks.op_cost                 # full size, compiled and eager kernels
+    python -m benchmarks.op_cost --quick         # small tensors, a few seconds
+    python -m benchmarks.op_cost --device cuda   # the same on the GPU (times synchronised)
 
 Target (issue: foundation): compiled ratio <= 1.5, saved memory <= 1 input.
 
@@ -31,6 +32,28 @@ import daq_core as dc
 
 ACTIVATION_SHAPE, ACTIVATION_SHAPE_QUICK = (8, 32, 112, 112), (2, 8, 56, 56)
 WEIGHT_SHAPE, WEIGHT_SHAPE_QUICK = (256, 256, 3, 3), (64, 32, 3, 3)
+
+
+def _synchronized(fn, device) -> "callable":
+    """``fn`` followed by a CUDA synchronisation on a GPU: the timers then see the kernels' time."""
+    if torch.device(device).type != "cuda":
+        return fn
+
+    def run():
+        fn()
+        torch.cuda.synchronize(device)
+    return run
+
+
+def check_device(device: str) -> torch.device:
+    """The device to measure on; a clear error if CUDA is asked for but unavailable."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device} requested but CUDA is not available (torch {torch.__version__},"
+                           f" torch.cuda.is_available() is False); run on a GPU machine or use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"--device must be cpu or cuda[:N], got {device!r}")
+    return dev
 
 
 def _time(fn, repeats: int, warmup: int) -> float:
@@ -103,13 +126,15 @@ def _compare(builtin, daq, repeats: int, kernels: str) -> dict:
     return results
 
 
-def activation_op_cost(shape=ACTIVATION_SHAPE, bits: int = 4, repeats: int = 20, kernels: str = "both") -> dict:
+def activation_op_cost(shape=ACTIVATION_SHAPE, bits: int = 4, repeats: int = 20, kernels: str = "both",
+                       device="cpu") -> dict:
     """DAQ per-tensor activation fake-quant vs ``torch.fake_quantize_per_tensor_affine`` (fwd+bwd)."""
+    device = check_device(str(device))
     torch.manual_seed(0)
-    x = torch.randn(shape, requires_grad=True)
-    grad = torch.randn(shape)
-    lo = torch.tensor(-1.0, requires_grad=True)
-    hi = torch.tensor(2.0, requires_grad=True)
+    x = torch.randn(shape, requires_grad=True, device=device)
+    grad = torch.randn(shape, device=device)
+    lo = torch.tensor(-1.0, requires_grad=True, device=device)
+    hi = torch.tensor(2.0, requires_grad=True, device=device)
     n = 2**bits - 1
     scale, zp = 3.0 / n, round(1.0 / (3.0 / n))
 
@@ -121,7 +146,8 @@ def activation_op_cost(shape=ACTIVATION_SHAPE, bits: int = 4, repeats: int = 20,
         x.grad = lo.grad = hi.grad = None
         dc.fake_quantize_activation(x, lo, hi, bits).backward(grad)
 
-    results = {"shape": list(shape), "bits": bits, **_compare(builtin, daq, repeats, kernels)}
+    results = {"shape": list(shape), "bits": bits, "device": str(device),
+               **_compare(_synchronized(builtin, device), _synchronized(daq, device), repeats, kernels)}
     was_compiled = dc.compiled_kernels_enabled()
     dc.use_compiled_kernels(False)
     try:
@@ -133,17 +159,19 @@ def activation_op_cost(shape=ACTIVATION_SHAPE, bits: int = 4, repeats: int = 20,
     return results
 
 
-def weight_op_cost(shape=WEIGHT_SHAPE, bits: int = 4, repeats: int = 20, kernels: str = "both") -> dict:
+def weight_op_cost(shape=WEIGHT_SHAPE, bits: int = 4, repeats: int = 20, kernels: str = "both",
+                   device="cpu") -> dict:
     """DAQ per-channel weight fake-quant (as ``daq_fx`` runs it) vs ``torch.fake_quantize_per_channel_affine``."""
+    device = check_device(str(device))
     torch.manual_seed(0)
-    w = (0.05 * torch.randn(shape)).requires_grad_(True)
-    grad = torch.randn(shape)
+    w = (0.05 * torch.randn(shape, device=device)).requires_grad_(True)
+    grad = torch.randn(shape, device=device)
     channels = shape[0]
-    lo = torch.full((channels,), -3.0, requires_grad=True)
-    hi = torch.full((channels,), 3.0, requires_grad=True)
-    s = torch.full((channels,), 0.1, requires_grad=True)
+    lo = torch.full((channels,), -3.0, requires_grad=True, device=device)
+    hi = torch.full((channels,), 3.0, requires_grad=True, device=device)
+    s = torch.full((channels,), 0.1, requires_grad=True, device=device)
     scale = w.detach().abs().amax(dim=tuple(range(1, w.dim()))) / 2 ** (bits - 1)
-    zero_point = torch.zeros(channels, dtype=torch.int32)
+    zero_point = torch.zeros(channels, dtype=torch.int32, device=device)
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
     def builtin():
@@ -155,25 +183,41 @@ def weight_op_cost(shape=WEIGHT_SHAPE, bits: int = 4, repeats: int = 20, kernels
         w_hat = dc.normalize_weight(w, 0, center=False)
         dc.fake_quantize_weight(w_hat, lo, hi, s, bits, ch_axis=0, standardize_input=False).backward(grad)
 
-    return {"shape": list(shape), "bits": bits, **_compare(builtin, daq, repeats, kernels)}
+    return {"shape": list(shape), "bits": bits, "device": str(device),
+            **_compare(_synchronized(builtin, device), _synchronized(daq, device), repeats, kernels)}
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small tensors and few repeats (seconds)")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (the CPU measurement)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default) or cuda[:N]: where the ops run; CUDA timings synchronise after each call")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
+    try:
+        check_device(args.device)
+    except RuntimeError as e:
+        p.error(str(e))
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     repeats = 5 if args.quick else args.repeats
-    act = activation_op_cost(ACTIVATION_SHAPE_QUICK if args.quick else ACTIVATION_SHAPE, args.bits, repeats)
-    weight = weight_op_cost(WEIGHT_SHAPE_QUICK if args.quick else WEIGHT_SHAPE, args.bits, repeats)
+    act = activation_op_cost(ACTIVATION_SHAPE_QUICK if args.quick else ACTIVATION_SHAPE, args.bits, repeats,
+                             device=args.device)
+    weight = weight_op_cost(WEIGHT_SHAPE_QUICK if args.quick else WEIGHT_SHAPE, args.bits, repeats,
+                            device=args.device)
     compiled = act.get("compiled_available", False)
     results = {**act, "threads": args.threads, "weight_per_channel": weight}
 
-    print(f"DAQ fake-quant op, fwd+bwd on {tuple(act['shape'])}, {args.bits} bits, {args.threads} threads")
+    where = (f"{args.device} ({torch.cuda.get_device_name(torch.device(args.device))})"
+             if torch.device(args.device).type == "cuda" else f"cpu, {args.threads} threads")
+    print(f"DAQ fake-quant op, fwd+bwd on {tuple(act['shape'])}, {args.bits} bits, {where}")
     print(f"  torch.fake_quantize_per_tensor_affine : {1e3 * act['builtin_base_s']:8.2f} ms")
     if compiled:
         print(f"  DAQ (compiled kernels)                : {1e3 * act['daq_compiled_s']:8.2f} ms"

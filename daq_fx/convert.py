@@ -286,6 +286,27 @@ def insert_activation_clamps(converted: fx.GraphModule, grids, example_inputs: T
     return count
 
 
+def _on_cpu(value):
+    """``value`` with every tensor in it (tuples, lists, dicts) moved to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_on_cpu(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    return value
+
+
+def check_on_cpu(model: nn.Module) -> None:
+    """torch.ao's int8 kernels (x86, fbgemm, qnnpack) run on the CPU: refuse a model still on a GPU."""
+    devices = {t.device for t in list(model.parameters()) + list(model.buffers())}
+    off = sorted(str(d) for d in devices if d.type != "cpu")
+    if off:
+        raise ValueError(f"convert_fx lowers to torch.ao's CPU int8 kernels, but the model is on {', '.join(off)}:"
+                         " move the trained QAT model to the CPU first, e.g. daq_fx.convert_fx(copy.deepcopy(qat)"
+                         ".cpu()) (keep training on the GPU; convert on the CPU)")
+
+
 def convert_fx(graph_module: fx.GraphModule, convert_custom_config=None, _remove_qconfig: bool = True,
                qconfig_mapping=None, backend_config=None, *, exact: bool = True,
                example_inputs: Optional[Tuple[Any, ...]] = None, inplace: bool = False) -> fx.GraphModule:
@@ -309,16 +330,21 @@ def convert_fx(graph_module: fx.GraphModule, convert_custom_config=None, _remove
     Raises:
         N2UQConvertError: the model has enabled N2UQ activation quantizers (their learned
             non-uniform thresholds have no int8-kernel equivalent); the message names them.
+        ValueError: the model is not on the CPU (train on the GPU, then ``convert_fx(qat.cpu())``;
+            example inputs recorded on the GPU by prepare are moved to the CPU here).
     """
     if not isinstance(graph_module, fx.GraphModule):
         raise TypeError(f"graph_module must be a prepared torch.fx.GraphModule, got {type(graph_module).__name__}")
     check_convertible(graph_module)   # never lower N2UQ activations with uniform thresholds
+    check_on_cpu(graph_module)
     meta = getattr(graph_module, "meta", {})
     backend = meta.get("daq_backend", "x86")
     if backend_config is None:
         backend_config = meta.get("daq_backend_config") or get_daq_backend_config(backend)
     if example_inputs is None:
         example_inputs = meta.get("daq_example_inputs")
+    if example_inputs is not None:     # e.g. the GPU inputs given to prepare: the int8 model runs on the CPU
+        example_inputs = _on_cpu(tuple(example_inputs))
     if exact and example_inputs is None:
         raise ValueError("convert_fx(exact=True) needs example_inputs to find the ops to clamp: pass"
                          " example_inputs=(x,), prepare with daq_fx.prepare_qat_fx, or use exact=False")

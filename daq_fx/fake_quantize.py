@@ -57,6 +57,20 @@ _EPS = float(torch.finfo(torch.float32).eps)
 _SIGNED_AUTO, _UNSIGNED, _SIGNED = -1, 0, 1
 
 
+def place_switches(module: FakeQuantizeBase, device) -> None:
+    """Put ``FakeQuantizeBase``'s ``fake_quant_enabled`` / ``observer_enabled`` buffers on ``device``.
+
+    torch.ao's base class creates them on the default device whatever ``factory_kwargs`` says; a
+    quantizer made for a model on the GPU (``factory_kwargs={"device": "cuda"}``, or one added next
+    to a GPU quantizer after prepare) must not keep CPU state: DDP broadcasts buffers with nccl,
+    which refuses CPU tensors, and ``state_dict`` round-trips would mix devices.
+    """
+    if device is None:
+        return
+    for name in ("fake_quant_enabled", "observer_enabled"):
+        setattr(module, name, getattr(module, name).to(device))
+
+
 class DAQFakeQuantize(FakeQuantizeBase):
     """Distance-aware fake quantization (DAQ, ICCV 2021) for torch.ao QAT.
 
@@ -121,6 +135,7 @@ class DAQFakeQuantize(FakeQuantizeBase):
                  factory_kwargs: Optional[dict] = None) -> None:
         super().__init__()
         device = (factory_kwargs or {}).get("device")
+        place_switches(self, device)
         if role not in (WEIGHT, ACTIVATION):
             raise ValueError(f"role must be 'weight' or 'activation', got {role!r}")
         self.role = role
@@ -392,6 +407,7 @@ class AveragedActivation(FakeQuantizeBase):
         super().__init__()
         if not isinstance(source, DAQFakeQuantize) or source.is_weight:
             raise TypeError(f"source must be an activation DAQFakeQuantize, got {source!r}")
+        place_switches(self, source.lower_bound.device)   # beside its source (prepare on a GPU model)
         object.__setattr__(self, "source", source)   # shared, not a child: no duplicate state
         for name in ("dtype", "qscheme", "quant_min", "quant_max", "ch_axis", "is_dynamic", "activation_post_process"):
             setattr(self, name, getattr(source, name))

@@ -37,7 +37,7 @@ from torch.ao.quantization import FakeQuantizeBase, QConfig, QConfigMapping, get
 from daq_core import MAX_INT8_WEIGHT_BITS, check_bits, check_finite, check_init_method, check_positive, num_levels
 from daq_core import n2uq as core
 
-from .fake_quantize import ACTIVATION, WEIGHT
+from .fake_quantize import ACTIVATION, WEIGHT, place_switches
 from .qconfig import _check_backend
 
 __all__ = ["N2UQFakeQuantize", "N2UQConvertError", "get_n2uq_qconfig", "get_n2uq_qat_qconfig_mapping",
@@ -89,6 +89,7 @@ class N2UQFakeQuantize(FakeQuantizeBase):
                  factory_kwargs: Optional[dict] = None) -> None:
         super().__init__()
         device = (factory_kwargs or {}).get("device")
+        place_switches(self, device)
         if role not in (WEIGHT, ACTIVATION):
             raise ValueError(f"role must be 'weight' or 'activation', got {role!r}")
         self.role = role

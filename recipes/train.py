@@ -155,6 +155,8 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    #: the process-group backend ("nccl", "gloo") when running under torchrun, else None
+    backend: Optional[str] = None
 
     @property
     def main(self) -> bool:
@@ -162,7 +164,13 @@ class Dist:
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        """DDP: launched by torchrun (any number of processes, one included)."""
+        return self.backend is not None
+
+
+def launched_by_torchrun() -> bool:
+    """``torchrun`` (or another env:// launcher) set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
 def init_distributed(device_arg: str) -> (Dist, torch.device):
@@ -170,7 +178,7 @@ def init_distributed(device_arg: str) -> (Dist, torch.device):
     want_cuda = device_arg.startswith("cuda") or (device_arg == "auto" and torch.cuda.is_available())
     if device_arg.startswith("cuda") and not torch.cuda.is_available():
         raise RecipeError(f"--device {device_arg} requested but CUDA is not available; use --device cpu")
-    if world > 1:
+    if world > 1 or launched_by_torchrun():   # torchrun with one process runs DDP too (a world of 1)
         rank = int(os.environ["RANK"])
         local = int(os.environ.get("LOCAL_RANK", "0"))
         backend = "nccl" if want_cuda else "gloo"
@@ -179,7 +187,7 @@ def init_distributed(device_arg: str) -> (Dist, torch.device):
         if not dist.is_initialized():
             dist.init_process_group(backend=backend)
         device = torch.device("cuda", local) if want_cuda else torch.device("cpu")
-        return Dist(rank, world, local), device
+        return Dist(rank, world, local, backend), device
     if want_cuda:
         return Dist(), torch.device(device_arg if device_arg.startswith("cuda") else "cuda")
     return Dist(), torch.device("cpu")
@@ -578,6 +586,8 @@ class Pipeline:
             ep_time = time.time() - t_ep
             stats = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
             if self.dist.enabled:
+                # nccl reduces CUDA tensors only (a CPU tensor fails: no backend for device type cpu)
+                stats = stats.to(self.device)
                 dist.all_reduce(stats)
             loss_sum, correct, seen = stats.tolist()
             rec = {"stage": stage, "epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(seen, 1),
@@ -670,7 +680,7 @@ class Pipeline:
                  f"{f' ({len(self.qat_train_set)} in QAT)' if len(self.qat_train_set) != len(self.train_set) else ''}"
                  f" / {len(self.val_set)} val images,"
                  f" {self.data.num_classes} classes, {a.img_size}px; device {self.device}"
-                 f"{f', {self.dist.world} processes' if self.dist.enabled else ''}")
+                 f"{f', DDP ({self.dist.backend}), {self.dist.world} process(es)' if self.dist.enabled else ''}")
         self.wall = dict(self.results.get("wall_s", {}))
         float_model = self.float_model.to(self.device)
 
@@ -813,7 +823,7 @@ def write_report(p: Pipeline) -> Dict:
         "img_size": a.img_size, "float_epochs": a.float_epochs, "qat_epochs": a.epochs, "batch_size": a.batch_size,
         "lr": a.lr, "quant_lr": a.quant_lr, "weight_decay": a.weight_decay, "distill": a.distill,
         "freeze_bn": a.freeze_bn, "calibrate_scales": a.calibrate_scales,
-        "processes": p.dist.world, "device": str(p.device), "seed": a.seed,
+        "processes": p.dist.world, "distributed": p.dist.backend, "device": str(p.device), "seed": a.seed,
         "float_acc": fa, "after_prepare_acc": r.get("after_prepare_acc"), "qat_acc": qa, "int_acc": ia,
         "agreement": r.get("agreement"), "tune_acc": r.get("tune_acc"),
         "qat_minus_float": None if fa is None or qa is None else qa - fa,
