@@ -634,8 +634,8 @@ class BitBudget:
         rate: the dual step size.
 
     Example:
-        >>> budget = BitBudget(1e-2, target_weight_bits=3.0)        # doctest: +SKIP
-        >>> loss = task_loss + budget.penalty(model); loss.backward(); budget.update(model)
+        >>> budget = BitBudget(1e-2, target_weight_bits=3.0)
+        >>> # every step: (task_loss + budget.penalty(model)).backward(); optimizer.step(); budget.update(model)
     """
 
     def __init__(self, strength: float = 0.0, target_weight_bits: Optional[float] = None,

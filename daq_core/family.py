@@ -26,7 +26,7 @@ from torch import nn
 
 from .checks import MAX_BITS, check_bits
 
-__all__ = ["QuantizerFamily", "FamilyStateMixin", "FamilyQuantizer", "WEIGHT", "ACTIVATION", "SIGNED_AUTO", "UNSIGNED", "SIGNED",
+__all__ = ["QuantizerFamily", "FamilyStateMixin", "FamilyQuantizer", "family_by_name", "WEIGHT", "ACTIVATION", "SIGNED_AUTO", "UNSIGNED", "SIGNED",
            "family_modules"]
 
 WEIGHT = "weight"
@@ -34,6 +34,16 @@ ACTIVATION = "activation"
 
 #: values of the ``signed`` buffer: not decided yet (first batch decides), unsigned, signed
 SIGNED_AUTO, UNSIGNED, SIGNED = -1, 0, 1
+
+
+_FAMILIES: Dict[str, "QuantizerFamily"] = {}
+
+
+def family_by_name(name: str) -> "QuantizerFamily":
+    """The family instance registered under ``name`` (``"daq"``, ``"n2uq"``, ``"cpq"``)."""
+    if name not in _FAMILIES:
+        raise ValueError(f"unknown quantizer family {name!r}: choose one of {', '.join(sorted(_FAMILIES))}")
+    return _FAMILIES[name]
 
 
 class QuantizerFamily:
@@ -61,6 +71,22 @@ class QuantizerFamily:
     convertible_activations = True
     #: activation quantizers hold a ``signed`` buffer; weights too where this is True
     weight_signed_buffer = False
+
+    def __init__(self) -> None:
+        _FAMILIES[self.name] = self
+
+    # one instance per family: copies (deepcopy of qconfigs, pickling of checkpoints) are that instance
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return (family_by_name, (self.name,))
+
+    def __repr__(self) -> str:
+        return f"<quantizer family {self.name!r}>"
 
     # ------------------------------------------------------------------ declaration
     def configure(self, state, **options) -> None:
@@ -228,8 +254,8 @@ class FamilyQuantizer(FamilyStateMixin, nn.Module):
         >>> q = FamilyQuantizer(CPQ, "weight", bits=4, ch_axis=0).eval()
         >>> y = q(torch.randn(8, 3))             # the first call initialises the per-channel step
         >>> scale, zero_point = q.qparams()
-        >>> codes = y / scale[:, None]
-        >>> bool((codes == torch.round(codes)).all() and codes.abs().max() <= 8)
+        >>> codes = torch.round(y / scale[:, None])
+        >>> bool(torch.allclose(codes * scale[:, None], y) and codes.abs().max() <= 8)
         True
     """
 
