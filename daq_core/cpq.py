@@ -74,6 +74,10 @@ DEFAULT_RELATIVE_SIGMA = 0.5
 #: hard-concrete distribution (Louizos, Welling, Kingma 2018): temperature and stretch interval
 HC_BETA, HC_GAMMA, HC_ZETA = 2.0 / 3.0, -0.1, 1.1
 _HC_SHIFT = HC_BETA * math.log(-HC_GAMMA / HC_ZETA)
+#: range of the regulariser weight λ under a target (BitBudget)
+MIN_LAMBDA, MAX_LAMBDA = 1e-4, 1e4
+#: initial gate logits rise by this much per bit (LSB lowest): see CPQFamily.create_state
+GATE_LOGIT_STEP = 0.5
 #: the smallest step the forward uses (float32 eps, as the int backends' observers)
 MIN_STEP = float(torch.finfo(torch.float32).eps)
 
@@ -461,8 +465,12 @@ class CPQFamily(QuantizerFamily):
         state.step = nn.Parameter(torch.ones(1, device=device))
         state.log_sigma = nn.Parameter(torch.full((1,), math.log(state.init_sigma), device=device))
         if state.learn_bits and state.bits > 1:
+            # ordered gates: the LSB's keep probability is 1 - drop_rate, each higher bit's logit GATE_LOGIT_STEP
+            # above, so the regulariser removes bits from the bottom one at a time (equal gates would all cross
+            # the threshold together and the nested read-out would fall from b bits to 1 at once)
             logit = gate_logits_for(1.0 - (state.drop_rate or DEFAULT_DROP_RATE))
-            state.gate_logits = nn.Parameter(torch.full((state.bits - 1,), logit, device=device))
+            logits = logit + GATE_LOGIT_STEP * torch.arange(state.bits - 1, dtype=torch.float32)
+            state.gate_logits = nn.Parameter(logits.to(device))
         state.register_buffer("size", torch.ones(1, device=device))
 
     def resizable(self, state) -> Tuple[str, ...]:
@@ -624,9 +632,18 @@ def average_bits(model, role: str, expected: bool = False) -> Optional[float]:
 class BitBudget:
     """Learned bit-widths towards a target average: the regulariser with ``λ`` adjusted per step.
 
-    ``λ`` starts at ``strength`` for each role and, for a role with a target, follows dual
-    ascent on the size-weighted *expected* bit-width (CPQ-SPEC §6: "a target average bit-width is
-    reached by adjusting λ"): ``λ ← max(0, λ + rate · (avg - target))`` after every step.
+    ``λ`` starts at ``strength`` for each role and, for a role with a target, is adjusted after every
+    step on the size-weighted read-out average (CPQ-SPEC §6: "a target average bit-width is reached
+    by adjusting λ"), as the multiplier of the constraint ``avg = target``: its sign is that of
+    ``avg - target`` (0 within ``deadband`` bits: hold), its magnitude grows by
+    ``exp(rate · |avg - target|)`` per step while the sign stays and halves when it flips (from at
+    least ``MIN_LAMBDA``, at most ``MAX_LAMBDA``: the task loss's pull on the gates grows with the layer
+    sizes, so ``λ`` must move over orders of magnitude within a short run). A negative ``λ`` pulls
+    dropped bits back when training overshot. :meth:`project` then
+    closes what training left, where it left more than ``tolerance`` (a design choice of this
+    reconstruction, see docs/cpq.md): it flips the gates nearest to the keep/drop threshold, one bit
+    of one layer at a time, until the average is at most the target but not below it by more than
+    one layer's share.
 
     Args:
         strength: the initial ``λ`` (``--bit-regularization``), >= 0.
@@ -636,15 +653,18 @@ class BitBudget:
     Example:
         >>> budget = BitBudget(1e-2, target_weight_bits=3.0)
         >>> # every step: (task_loss + budget.penalty(model)).backward(); optimizer.step(); budget.update(model)
+        >>> # after training: budget.project(model)
     """
 
     def __init__(self, strength: float = 0.0, target_weight_bits: Optional[float] = None,
-                 target_act_bits: Optional[float] = None, rate: float = 0.05):
+                 target_act_bits: Optional[float] = None, rate: float = 0.2, deadband: float = 0.125):
         strength = check_regularization(strength)
         self.targets = {WEIGHT: check_target_bits(target_weight_bits, "target weight bits"),
                         ACTIVATION: check_target_bits(target_act_bits, "target activation bits")}
         self.strength = {WEIGHT: strength, ACTIVATION: strength}
+        self.magnitude = {WEIGHT: max(strength, MIN_LAMBDA), ACTIVATION: max(strength, MIN_LAMBDA)}
         self.rate = check_positive(rate, "rate")
+        self.deadband = float(deadband)
 
     def penalty(self, model) -> torch.Tensor:
         return bit_regularizer(model, self.strength)
@@ -654,16 +674,65 @@ class BitBudget:
         for role, target in self.targets.items():
             if target is None:
                 continue
-            avg = average_bits(model, role, expected=True)
-            if avg is not None:
-                self.strength[role] = max(0.0, self.strength[role] + self.rate * (avg - target))
+            avg = average_bits(model, role)
+            if avg is None:
+                continue
+            err = avg - target
+            direction = 0.0 if abs(err) <= self.deadband else math.copysign(1.0, err)
+            previous = math.copysign(1.0, self.strength[role]) if self.strength[role] else 0.0
+            if direction and direction == previous:
+                self.magnitude[role] = min(self.magnitude[role] * math.exp(self.rate * abs(err)), MAX_LAMBDA)
+            elif direction and previous:
+                self.magnitude[role] = max(self.magnitude[role] * 0.5, MIN_LAMBDA)
+            self.strength[role] = direction * self.magnitude[role]
         return dict(self.strength)
 
+    @torch.no_grad()
+    def project(self, model, tolerance: float = 0.25) -> Dict[str, int]:
+        """Flip the gates nearest to the threshold until each role's read-out average meets its target.
+
+        A role whose average is within ``tolerance`` bits of its target is left as training left it.
+        Returns the number of bits flipped per role (0 where training met the target).
+        """
+        flipped = {WEIGHT: 0, ACTIVATION: 0}
+        for role, target in self.targets.items():
+            states = _role_states(model, role)
+            if target is None or not states or abs(average_bits(model, role) - target) <= tolerance:
+                continue
+            for _ in range(sum(m.bits for m in states)):
+                avg = average_bits(model, role)
+                if avg > target:
+                    # drop the next bit of the layer whose lowest kept gate is the least sure
+                    cands = [(float(keep_probability(m.gate_logits[CPQ.drop_bits(m)])), m)
+                             for m in states if m.bit_width > 1]
+                    if not cands:
+                        break
+                    _, m = min(cands, key=lambda c: c[0])
+                    m.gate_logits[CPQ.drop_bits(m)] = gate_logits_for(0.45)
+                    flipped[role] += 1
+                    continue
+                # restore a bit while that keeps the average at or below the target
+                cands = [(float(keep_probability(m.gate_logits[CPQ.drop_bits(m) - 1])), m)
+                         for m in states if CPQ.drop_bits(m) > 0]
+                total = sum(float(m.size) for m in states)
+                cands = [(p, m) for p, m in cands if avg + float(m.size) / total <= target + 1e-9]
+                if not cands:
+                    break
+                _, m = max(cands, key=lambda c: c[0])
+                d = CPQ.drop_bits(m)
+                m.gate_logits[d - 1] = max(float(m.gate_logits[d - 1]), gate_logits_for(0.55))
+                if d >= 2:   # nested: the bit below stays dropped, so exactly one bit comes back
+                    m.gate_logits[d - 2] = min(float(m.gate_logits[d - 2]), gate_logits_for(0.45))
+                flipped[role] += 1
+        return flipped
+
     def state_dict(self) -> Dict:
-        return {"strength": dict(self.strength), "targets": dict(self.targets), "rate": self.rate}
+        return {"strength": dict(self.strength), "magnitude": dict(self.magnitude), "targets": dict(self.targets),
+                "rate": self.rate}
 
     def load_state_dict(self, state: Dict) -> None:
         self.strength.update(state["strength"])
+        self.magnitude.update(state.get("magnitude", {}))
 
 
 def check_regularization(value) -> float:

@@ -214,3 +214,22 @@ def test_state_dict_round_trip_resizes_per_channel_step():
     src.eval(), dst.eval()
     assert torch.equal(src(w), dst(w))
     assert math.isclose(float(dst.size), 35.0)
+
+
+def test_bit_budget_projection_meets_the_target_from_above():
+    torch.manual_seed(0)
+    layers = [daq_core.FamilyQuantizer(CPQ, "weight", bits=8, learn_bits=True) for _ in range(5)]
+    model = torch.nn.ModuleList(layers)
+    for i, q in enumerate(layers):
+        q(torch.randn(8 * (i + 1), 16))
+    budget = cpq.BitBudget(0.0, target_weight_bits=3.4)
+    flipped = budget.project(model)
+    avg = cpq.average_bits(model, "weight")
+    assert flipped["weight"] > 0 and 3.4 - 0.25 <= avg <= 3.4
+    # a model already below the target gets bits back, nested (one bit per flip)
+    for q in layers:
+        with torch.no_grad():
+            q.gate_logits.fill_(-5.0)
+    assert cpq.average_bits(model, "weight") == 1.0
+    budget.project(model)
+    assert 3.4 - 0.25 <= cpq.average_bits(model, "weight") <= 3.4
