@@ -37,6 +37,9 @@ from daq_core import check_bits, check_positive, num_levels
 
 __all__ = [
     "snap_to_grid",
+    "no_zero_grid",
+    "WeightTensorQuant",
+    "ActTensorQuant",
     "DAQWeightScaling",
     "DAQActScaling",
     "DASRWeightIntQuant",
@@ -190,6 +193,9 @@ class DAQActScaling(_IgnoreMissingKeysMixin, nn.Module):
         (0.0, True)
     """
 
+    #: a DAQ activation state may be shared by quantizers of other bit-widths (aligned residual inputs)
+    bits_must_match = False
+
     def __init__(self, signed: bool, learn_lower_bound: Optional[bool] = None, quantizer: str = "",
                  init_num_std: float = 3.0, init: str = "mse", bit_width: int = 8,
                  dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
@@ -263,6 +269,10 @@ class DASRWeightIntQuant(nn.Module):
         return daq_core.fake_quantize_weight(w, lower, upper, scale.abs(), self.bits, self.gamma, self.sigma,
                                              ch_axis=ch_axis, standardize_input=False)
 
+    def brevitas_grid(self, w: Tensor, lower: Tensor, upper: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor]:
+        """The no-zero grid ``|s| (2Q - n)/n`` as Brevitas integers: ``(2|s|/n, -0.5)``; ``(|s|, 0)`` at 1 bit."""
+        return no_zero_grid(scale.abs(), self.bits, w, self.ch_axis)
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, gamma={self.gamma}, sigma={self.sigma}"
 
@@ -289,6 +299,11 @@ class DASRActIntQuant(nn.Module):
     def forward(self, x: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
         return daq_core.fake_quantize_activation(x, lower, upper, self.bits, self.gamma, self.sigma)
 
+    def brevitas_grid(self, x: Tensor, lower: Tensor, upper: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(Δ, -l/Δ)``: the unsigned integers ``Q`` in ``[0, n]`` of ``l + Δ Q``."""
+        step = (upper - lower) / num_levels(self.bits)
+        return step, -lower / step
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, gamma={self.gamma}, sigma={self.sigma}"
 
@@ -313,7 +328,104 @@ class _BitWidthRecordMixin(_IgnoreMissingKeysMixin):
                                       unexpected_keys, error_msgs)
 
 
-class DAQWeightTensorQuant(_BitWidthRecordMixin, nn.Module):
+class _TensorQuant(_BitWidthRecordMixin, nn.Module):
+    """What every ``tensor_quant`` holds (Brevitas reads these names): ``scaling_impl``, ``int_quant``,
+    ``msb_clamp_bit_width_impl``, ``int_scaling_impl``, ``observer_only`` and the ``bits`` record.
+
+    ``scaling_impl(x)`` returns the quantizer's state as a tuple, ``int_quant(x, *state)`` the
+    fake-quantized ``x`` and ``int_quant.brevitas_grid(x, *state)`` its ``(scale, zero_point)`` as
+    Brevitas integers; a ``scaling_impl`` with a ``normalize`` method (DAQ weights) maps ``x`` first.
+    A ``scaling_impl`` hosting a family state (:class:`daq_brevitas.FamilyScaling`) reports the
+    family's ``bit_width`` (learned for CPQ) instead of the constant one.
+    """
+
+    _snap = True
+
+    def __init__(self, scaling_impl: nn.Module, int_quant: nn.Module, bit_width_impl: nn.Module,
+                 int_scaling_impl: Optional[nn.Module] = None, signed: bool = True, check_bits: bool = True):
+        super().__init__()
+        self.scaling_impl = scaling_impl
+        self.int_quant = int_quant
+        self.msb_clamp_bit_width_impl = bit_width_impl
+        self.int_scaling_impl = int_scaling_impl if int_scaling_impl is not None else IntScaling(False, signed)
+        self.observer_only = False
+        bits = int_quant.bits
+        if check_bits and bits != scaling_impl.bits:
+            raise ValueError(f"inconsistent {self._bit_width_arg}: {bits} (int_quant) and {scaling_impl.bits}"
+                             f" (scaling_impl)")
+        self.register_buffer("bits", torch.tensor(bits, dtype=torch.int64))
+        self.n = num_levels(bits)
+
+    def bit_width(self) -> Tensor:
+        learned = getattr(self.scaling_impl, "family", None)
+        if learned is not None and learned.learns_bits:
+            return torch.tensor(float(self.scaling_impl.bit_width))
+        return self.msb_clamp_bit_width_impl()
+
+    def quantize(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tuple]:
+        state = self.scaling_impl(x)
+        if not isinstance(state, tuple):
+            state = (state,)
+        bit_width = self.bit_width()
+        scale, zero_point = self.int_quant.brevitas_grid(x, *state)
+        return state, bit_width, scale, zero_point
+
+    def fake_quantize(self, x: Tensor, state: Tuple, scale: Tensor, zero_point: Tensor) -> Tensor:
+        normalize = getattr(self.scaling_impl, "normalize", None)
+        y = self.int_quant(normalize(x) if normalize is not None else x, *state)
+        return snap_to_grid(y, scale, zero_point) if self._snap else y
+
+
+class WeightTensorQuant(_TensorQuant):
+    """The weight ``tensor_quant`` of every family: ``(w_q, scale, zero_point, bit_width)``.
+
+    Args:
+        scaling_impl: the family's state (:class:`DAQWeightScaling`, ``N2UQWeightScaling``,
+            :class:`daq_brevitas.FamilyScaling`).
+        int_quant: the family's rounding (:class:`DASRWeightIntQuant`, ...).
+        bit_width_impl: Brevitas ``BitWidthConst``.
+        int_scaling_impl: Brevitas ``IntScaling`` (kept for Brevitas parts that read it).
+    """
+
+    _bit_width_arg = "weight_bit_width"
+
+    def __init__(self, scaling_impl: nn.Module, int_quant: nn.Module, bit_width_impl: nn.Module,
+                 int_scaling_impl: Optional[nn.Module] = None):
+        super().__init__(scaling_impl, int_quant, bit_width_impl, int_scaling_impl, signed=True)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        state, bit_width, scale, zero_point = self.quantize(x)
+        if self.observer_only:
+            return x, scale, zero_point, bit_width
+        return self.fake_quantize(x, state, scale, zero_point), scale, zero_point, bit_width
+
+
+class ActTensorQuant(_TensorQuant):
+    """The activation ``tensor_quant`` of every family: ``(a_q, scale, zero_point, bit_width)``.
+
+    ``int_quant.brevitas_grid`` describes unsigned integers ``0 … 2^b - 1``; signed quantizers shift
+    the integers and the zero point by ``-2^(b-1)``, so that Brevitas's ``(int - zero_point) * scale``
+    is the output in both cases.
+    """
+
+    def __init__(self, scaling_impl: nn.Module, int_quant: nn.Module, bit_width_impl: nn.Module,
+                 signed: bool, int_scaling_impl: Optional[nn.Module] = None):
+        # ``scaling_impl`` may be shared with a quantizer of the other sign (Brevitas aligns the inputs of
+        # residual adds by sharing ``scaling_impl``): the levels are then those of the shared state.
+        super().__init__(scaling_impl, int_quant, bit_width_impl, int_scaling_impl, signed=signed,
+                         check_bits=getattr(scaling_impl, "bits_must_match", True))
+        self.signed = bool(signed)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        state, bit_width, step, zero_point = self.quantize(x)
+        if self.signed:
+            zero_point = zero_point - 2.0 ** (bit_width - 1)
+        if self.observer_only:
+            return x, step, zero_point, bit_width
+        return self.fake_quantize(x, state, step, zero_point), step, zero_point, bit_width
+
+
+class DAQWeightTensorQuant(WeightTensorQuant):
     """DAQ weight ``tensor_quant``: returns ``(w_q, scale, zero_point, bit_width)`` (Eqs. 1-3).
 
     Args:
@@ -332,43 +444,12 @@ class DAQWeightTensorQuant(_BitWidthRecordMixin, nn.Module):
         [-2, -1, 0, 1]
     """
 
-    _bit_width_arg = "weight_bit_width"
-
-    def __init__(self, scaling_impl: nn.Module, int_quant: nn.Module, bit_width_impl: nn.Module,
-                 int_scaling_impl: Optional[nn.Module] = None):
-        super().__init__()
-        self.scaling_impl = scaling_impl
-        self.int_quant = int_quant
-        self.msb_clamp_bit_width_impl = bit_width_impl
-        self.int_scaling_impl = int_scaling_impl if int_scaling_impl is not None else IntScaling(False, True)
-        self.observer_only = False
-        bits = int_quant.bits
-        if bits != scaling_impl.bits:
-            raise ValueError(f"inconsistent weight_bit_width: {bits} (int_quant) and {scaling_impl.bits} (scaling_impl)")
-        self.register_buffer("bits", torch.tensor(bits, dtype=torch.int64))
-        self.n = num_levels(bits)
-
     def brevitas_scale(self, scale: Tensor, w: Tensor) -> Tensor:
         """Brevitas's scale of the integer grid: ``2|s|/n`` (``|s|`` at 1 bit), channel-shaped like ``w``."""
-        s = scale.abs() if self.n == 1 else scale.abs() * (2.0 / self.n)
-        if s.numel() > 1:
-            shape = [1] * w.dim()
-            shape[self.int_quant.ch_axis % w.dim()] = -1
-            s = s.reshape(shape)
-        return s
-
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        lower, upper, scale = self.scaling_impl(x)
-        bit_width = self.msb_clamp_bit_width_impl()
-        out_scale = self.brevitas_scale(scale, x)
-        zero_point = torch.tensor(0.0 if self.n == 1 else -0.5, dtype=x.dtype, device=x.device)
-        if self.observer_only:
-            return x, out_scale, zero_point, bit_width
-        y = snap_to_grid(self.int_quant(self.scaling_impl.normalize(x), lower, upper, scale), out_scale, zero_point)
-        return y, out_scale, zero_point, bit_width
+        return no_zero_grid(scale.abs(), self.int_quant.bits, w, self.int_quant.ch_axis)[0]
 
 
-class DAQActTensorQuant(_BitWidthRecordMixin, nn.Module):
+class DAQActTensorQuant(ActTensorQuant):
     """DAQ activation ``tensor_quant``: returns ``(l + ΔQ, Δ, zero_point, bit_width)`` (Eqs. 1-2).
 
     Unsigned: integers ``Q`` in ``[0, n]``, ``zero_point = -l/Δ`` (0 with ``l = 0``).
@@ -382,29 +463,18 @@ class DAQActTensorQuant(_BitWidthRecordMixin, nn.Module):
         (True, 0.0)
     """
 
-    def __init__(self, scaling_impl: nn.Module, int_quant: nn.Module, bit_width_impl: nn.Module,
-                 signed: bool, int_scaling_impl: Optional[nn.Module] = None):
-        super().__init__()
-        # ``scaling_impl`` may be shared with a quantizer of the other sign (Brevitas aligns the inputs of
-        # residual adds by sharing ``scaling_impl``): the levels are then ``l + ΔQ`` with the shared bounds.
-        self.scaling_impl = scaling_impl
-        self.int_quant = int_quant
-        self.msb_clamp_bit_width_impl = bit_width_impl
-        self.int_scaling_impl = int_scaling_impl if int_scaling_impl is not None else IntScaling(False, signed)
-        self.observer_only = False
-        self.signed = bool(signed)
-        bits = int_quant.bits
-        self.register_buffer("bits", torch.tensor(bits, dtype=torch.int64))
-        self.n = num_levels(bits)
 
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        lower, upper = self.scaling_impl(x)
-        bit_width = self.msb_clamp_bit_width_impl()
-        step = (upper - lower) / self.n
-        zero_point = -lower / step
-        if self.signed:
-            zero_point = zero_point - float(2 ** (self.int_quant.bits - 1))
-        if self.observer_only:
-            return x, step, zero_point, bit_width
-        y = snap_to_grid(self.int_quant(x, lower, upper), step, zero_point)
-        return y, step, zero_point, bit_width
+def no_zero_grid(half_range: Tensor, bits: int, w: Tensor, ch_axis: Optional[int]) -> Tuple[Tensor, Tensor]:
+    """The ``2^b`` symmetric levels ``r (2k - n)/n`` without zero as Brevitas integers (DAQ's and N2UQ's weights).
+
+    Signed ``b``-bit integers with ``scale = 2r/n`` and ``zero_point = -0.5``; at 1 bit Brevitas's
+    binary convention ``scale = r``, ``zero_point = 0``. ``scale`` is channel-shaped like ``w``.
+    """
+    n = num_levels(bits)
+    scale = half_range if n == 1 else half_range * (2.0 / n)
+    if scale.dim() > 0 and scale.numel() > 1:
+        shape = [1] * w.dim()
+        shape[ch_axis % w.dim()] = -1
+        scale = scale.reshape(shape)
+    zero_point = torch.tensor(0.0 if n == 1 else -0.5, dtype=w.dtype, device=w.device)
+    return scale, zero_point

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -27,6 +27,8 @@ from brevitas.quant import Int32Bias
 from daq_core import MAX_BITS, check_bits
 
 from .core import DAQActScaling, DAQWeightScaling
+from .cpq import CPQActPerTensor, CPQSignedActPerTensor, CPQWeightPerChannel, CPQWeightPerTensor
+from .family import FamilyScaling
 from .n2uq import N2UQActPerTensor, N2UQActScaling, N2UQSignedActPerTensor, N2UQWeightPerChannel, N2UQWeightPerTensor
 from .quantizers import DAQActPerTensor, DAQSignedActPerTensor, DAQWeightPerChannel, DAQWeightPerTensor
 
@@ -39,6 +41,7 @@ _WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 QUANTIZER_FAMILIES = {
     "daq": (DAQWeightPerChannel, DAQWeightPerTensor, DAQActPerTensor, DAQSignedActPerTensor),
     "n2uq": (N2UQWeightPerChannel, N2UQWeightPerTensor, N2UQActPerTensor, N2UQSignedActPerTensor),
+    "cpq": (CPQWeightPerChannel, CPQWeightPerTensor, CPQActPerTensor, CPQSignedActPerTensor),
 }
 
 
@@ -48,6 +51,24 @@ def _family(quantizer: str):
     return QUANTIZER_FAMILIES[quantizer]
 
 
+def _declares(injector, name: str) -> bool:
+    try:
+        return hasattr(injector, name)
+    except Exception:   # an injector raises DependencyError for names it cannot resolve
+        return False
+
+
+def _with_options(base, options: Optional[dict]):
+    """A subclass of the injector ``base`` with the family's options as class attributes (declaration style)."""
+    if not options:
+        return base
+    unknown = [k for k in options if not _declares(base, k)]
+    if unknown:
+        raise ValueError(f"family_options {unknown} are not options of {base.__name__}")
+    suffix = "".join(f"_{k}{v}" for k, v in sorted(options.items())).replace(".", "p")
+    return type(f"{base.__name__}{suffix}", (base,), {**options, "__module__": base.__module__})
+
+
 def _bits_quantizer(base, bits: int, name: str):
     """A subclass of ``base`` with ``bit_width`` set (declaration style, picklable by name)."""
     bits = check_bits(bits, name, MAX_BITS)
@@ -55,11 +76,14 @@ def _bits_quantizer(base, bits: int, name: str):
 
 
 def daq_layer_maps(weight_bit_width: int = 4, act_bit_width: int = 4, per_channel: bool = True,
-                   weight_quant=None, act_quant=None, signed_act_quant=None, quantizer: str = "daq"):
+                   weight_quant=None, act_quant=None, signed_act_quant=None, quantizer: str = "daq",
+                   family_options: Optional[dict] = None):
     """Copies of Brevitas's default graph-quantization maps with the DAQ quantizers swapped in.
 
-    ``quantizer="n2uq"`` swaps in the N2UQ family instead (:mod:`daq_brevitas.n2uq`, DAQ-SPEC §8);
-    explicit ``weight_quant`` / ``act_quant`` / ``signed_act_quant`` override either family.
+    ``quantizer="n2uq"`` swaps in the N2UQ family instead (:mod:`daq_brevitas.n2uq`, DAQ-SPEC §8),
+    ``quantizer="cpq"`` CPQ (:mod:`daq_brevitas.cpq`) with ``family_options`` (e.g.
+    ``{"learn_bits": True}``) set on its injectors; explicit ``weight_quant`` / ``act_quant`` /
+    ``signed_act_quant`` override any family.
 
     Compute layers (conv, linear) get a DAQ weight quantizer and ``Int32Bias`` and return plain
     tensors (``return_quant_tensor=False``: the weight zero point ``-0.5`` has no integer
@@ -69,7 +93,8 @@ def daq_layer_maps(weight_bit_width: int = 4, act_bit_width: int = 4, per_channe
     Returns:
         ``(compute_layer_map, quant_act_map, quant_identity_map, unsigned_act_tuple)``.
     """
-    per_channel_weight, per_tensor_weight, unsigned_act, signed_act = _family(quantizer)
+    per_channel_weight, per_tensor_weight, unsigned_act, signed_act = (
+        _with_options(q, family_options) for q in _family(quantizer))
     # `is None`, not `or`: a Brevitas injector class is falsy (its metaclass has __len__)
     if weight_quant is None:
         weight_quant = per_channel_weight if per_channel else per_tensor_weight
@@ -228,7 +253,8 @@ def _plain_tensor_outputs(graph_model: torch.fx.GraphModule) -> torch.fx.GraphMo
 def quantize_model(model: nn.Module, weight_bit_width: int = 4, act_bit_width: int = 4,
                    keep_first_last_float: bool = True, per_channel: bool = True, merge_bn: bool = False,
                    align_residuals: bool = False, weight_quant=None, act_quant=None,
-                   signed_act_quant=None, quantizer: str = "daq") -> torch.fx.GraphModule:
+                   signed_act_quant=None, quantizer: str = "daq",
+                   family_options: Optional[dict] = None) -> torch.fx.GraphModule:
     """Quantize any traceable model (timm included) with DAQ through Brevitas's graph machinery.
 
     Steps: timm ``BatchNormAct2d`` → ``BatchNorm2d`` + activation; ``preprocess_for_quantize``
@@ -255,7 +281,10 @@ def quantize_model(model: nn.Module, weight_bit_width: int = 4, act_bit_width: i
         weight_quant, act_quant, signed_act_quant: override the DAQ quantizer classes.
         quantizer: ``"daq"`` (default) or ``"n2uq"``: the quantizer family placed everywhere
             (:mod:`daq_brevitas.n2uq`: learned non-uniform activation thresholds with uniform output
-            levels, ``α``-scaled no-zero weights; DAQ-SPEC §8). Everything else is the same.
+            levels, ``α``-scaled no-zero weights; DAQ-SPEC §8) or ``"cpq"`` (:mod:`daq_brevitas.cpq`, CPQ
+            reconstructed from the abstract). Everything else is the same.
+        family_options: options of the family's injectors, e.g. ``{"learn_bits": True}`` for CPQ
+            (the bit-widths then are the largest ones; each quantizer learns its own).
 
     Returns:
         The quantized ``torch.fx.GraphModule`` (in the training mode of ``model``).
@@ -268,7 +297,7 @@ def quantize_model(model: nn.Module, weight_bit_width: int = 4, act_bit_width: i
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     maps = daq_layer_maps(weight_bit_width, act_bit_width, per_channel, weight_quant, act_quant, signed_act_quant,
-                          quantizer=quantizer)
+                          quantizer=quantizer, family_options=family_options)
     compute_layer_map, quant_act_map, quant_identity_map, unsigned_act_tuple = maps
 
     zero_gamma = check_zero_bn_gamma(model)
@@ -313,8 +342,9 @@ def quantize_model(model: nn.Module, weight_bit_width: int = 4, act_bit_width: i
 def quantizer_parameters(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
     """Split parameters into quantizer state and the rest.
 
-    Quantizer state: DAQ's bounds ``l, u`` and output scales ``s``, and N2UQ's activation start ``s``,
-    widths ``a`` and output scale (:class:`N2UQActScaling`; N2UQ weights have no learned state).
+    Quantizer state: DAQ's bounds ``l, u`` and output scales ``s``, N2UQ's activation start ``s``,
+    widths ``a`` and output scale (:class:`N2UQActScaling`; N2UQ weights have no learned state), and
+    the state of every :class:`daq_brevitas.FamilyScaling` (CPQ: steps, noise scales, bit gates).
 
     The paper trains the quantizer parameters with Adam (lr 1e-4, no weight decay) and the weights
     with SGD (DAQ-SPEC §6). ``load_state_dict`` on a Brevitas model rebuilds the quantizers (new
@@ -328,4 +358,4 @@ def quantizer_parameters(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.
         >>> opt_q = torch.optim.Adam(q, lr=1e-4)
         >>> opt_w = torch.optim.SGD(w, lr=1e-2, momentum=0.9, weight_decay=1e-4)
     """
-    return daq_core.split_parameters(model, (DAQWeightScaling, DAQActScaling, N2UQActScaling))
+    return daq_core.split_parameters(model, (DAQWeightScaling, DAQActScaling, N2UQActScaling, FamilyScaling))

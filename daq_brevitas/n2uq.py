@@ -32,19 +32,16 @@ import torch
 from torch import Tensor, nn
 
 from brevitas.common import ExportMixin
-from brevitas.core.bit_width import BitWidthImplType
 from brevitas.core.function_wrapper import Identity
-from brevitas.core.scaling import IntScaling, ScalingPerOutputType
-from brevitas.inject import value
-from brevitas.inject.enum import FloatToIntImplType
+from brevitas.core.scaling import ScalingPerOutputType
 from brevitas.proxy import ActQuantProxyFromInjector
-from brevitas.quant.solver import ActQuantSolver, WeightQuantSolver
 
-from daq_core import check_bits, check_init_method, check_positive, num_levels
+from daq_core import check_bits, check_init_method, check_positive
 from daq_core import n2uq as core
 
-from .core import _BitWidthRecordMixin, _IgnoreMissingKeysMixin
-from .proxy import DAQExportError, DAQWeightQuantProxy
+from .core import ActTensorQuant, WeightTensorQuant, _IgnoreMissingKeysMixin, no_zero_grid
+from .proxy import DAQExportError
+from .quantizers import FamilyActQuant, FamilyWeightQuant, is_family_quantizer, per_output_channel
 
 __all__ = [
     "N2UQActScaling",
@@ -144,11 +141,17 @@ class N2UQActIntQuant(nn.Module):
     def forward(self, x: Tensor, start: Tensor, widths: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
         return core.n2uq_fake_quantize_activation(x, start, widths, scale, zero_point)
 
+    def brevitas_grid(self, x: Tensor, start: Tensor, widths: Tensor, scale: Tensor,
+                      zero_point: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(Δ, zp)``, ``Δ = |scale| 2/n``: the codes ``round(g(x))`` in ``[0, n]``."""
+        step = core.n2uq_step(scale, self.bits)
+        return step, zero_point.to(step.dtype)
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
 
 
-class N2UQActTensorQuant(_BitWidthRecordMixin, nn.Module):
+class N2UQActTensorQuant(ActTensorQuant):
     """N2UQ activation ``tensor_quant``: returns ``(Δ (round(g(x)) - zp), Δ, zero_point, bit_width)``.
 
     Unsigned: integers ``round(g(x))`` in ``[0, n]`` with Brevitas zero point ``zp``; signed: integers
@@ -163,31 +166,7 @@ class N2UQActTensorQuant(_BitWidthRecordMixin, nn.Module):
         (True, 0.0)
     """
 
-    def __init__(self, scaling_impl: nn.Module, int_quant: nn.Module, bit_width_impl: nn.Module, signed: bool,
-                 int_scaling_impl: Optional[nn.Module] = None):
-        super().__init__()
-        self.scaling_impl = scaling_impl
-        self.int_quant = int_quant
-        self.msb_clamp_bit_width_impl = bit_width_impl
-        self.int_scaling_impl = int_scaling_impl if int_scaling_impl is not None else IntScaling(False, signed)
-        self.observer_only = False
-        self.signed = bool(signed)
-        bits = int_quant.bits
-        if bits != scaling_impl.bits:
-            raise ValueError(f"inconsistent bit_width: {bits} (int_quant) and {scaling_impl.bits} (scaling_impl)")
-        self.register_buffer("bits", torch.tensor(bits, dtype=torch.int64))
-        self.n = num_levels(bits)
-
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        start, widths, scale, zero_point = self.scaling_impl(x)
-        bit_width = self.msb_clamp_bit_width_impl()
-        step = core.n2uq_step(scale, self.int_quant.bits)
-        brevitas_zero_point = zero_point.to(step.dtype)
-        if self.signed:
-            brevitas_zero_point = brevitas_zero_point - float(2 ** (self.int_quant.bits - 1))
-        if self.observer_only:
-            return x, step, brevitas_zero_point, bit_width
-        return self.int_quant(x, start, widths, scale, zero_point), step, brevitas_zero_point, bit_width
+    _snap = False
 
 
 def _refusing_export_mode_setter(self, value):
@@ -253,14 +232,19 @@ class N2UQWeightIntQuant(nn.Module):
         self.ch_axis = ch_axis if num_channels > 1 else None
         self.input_view_impl = Identity()
 
-    def forward(self, w: Tensor) -> Tensor:
+    def forward(self, w: Tensor, alpha: Optional[Tensor] = None) -> Tensor:
+        """``α`` is recomputed from ``w`` (the same statistic :class:`N2UQWeightScaling` returns)."""
         return core.n2uq_weight(w, self.bits, self.ch_axis if w.dim() >= 2 else None)
+
+    def brevitas_grid(self, w: Tensor, alpha: Tensor) -> Tuple[Tensor, Tensor]:
+        """DAQ's no-zero grid with half range ``α``: ``(2α/n, -0.5)``; ``(α, 0)`` at 1 bit."""
+        return no_zero_grid(alpha, self.bits, w, self.ch_axis)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, ch_axis={self.ch_axis}"
 
 
-class N2UQWeightTensorQuant(_BitWidthRecordMixin, nn.Module):
+class N2UQWeightTensorQuant(WeightTensorQuant):
     """N2UQ weight ``tensor_quant``: ``(α (2k - n)/n, 2α/n, -0.5, b)``; ``(±α, α, 0, 1)`` at 1 bit.
 
     Example:
@@ -271,75 +255,31 @@ class N2UQWeightTensorQuant(_BitWidthRecordMixin, nn.Module):
         [-2, -1, 0, 1]
     """
 
-    _bit_width_arg = "weight_bit_width"
-
-    def __init__(self, scaling_impl: nn.Module, int_quant: nn.Module, bit_width_impl: nn.Module,
-                 int_scaling_impl: Optional[nn.Module] = None):
-        super().__init__()
-        self.scaling_impl = scaling_impl
-        self.int_quant = int_quant
-        self.msb_clamp_bit_width_impl = bit_width_impl
-        self.int_scaling_impl = int_scaling_impl if int_scaling_impl is not None else IntScaling(False, True)
-        self.observer_only = False
-        bits = int_quant.bits
-        if bits != scaling_impl.bits:
-            raise ValueError(f"inconsistent weight_bit_width: {bits} (int_quant) and {scaling_impl.bits} (scaling_impl)")
-        self.register_buffer("bits", torch.tensor(bits, dtype=torch.int64))
-        self.n = num_levels(bits)
-
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        alpha = self.scaling_impl(x)
-        bit_width = self.msb_clamp_bit_width_impl()
-        scale = alpha if self.n == 1 else alpha * (2.0 / self.n)
-        if scale.dim() > 0:
-            shape = [1] * x.dim()
-            shape[self.scaling_impl.ch_axis % x.dim()] = -1
-            scale = scale.reshape(shape)
-        zero_point = torch.tensor(0.0 if self.n == 1 else -0.5, dtype=x.dtype, device=x.device)
-        if self.observer_only:
-            return x, scale, zero_point, bit_width
-        return self.int_quant(x), scale, zero_point, bit_width
+    _snap = False
 
 
 # --------------------------------------------------------------------------------------
 # injectors (declaration style, as daq_brevitas.quantizers)
 # --------------------------------------------------------------------------------------
 
-class N2UQWeightPerTensor(WeightQuantSolver):
+class N2UQWeightPerTensor(FamilyWeightQuant):
     """N2UQ weights (DAQ-SPEC §8) with one ``α = (n/2^(b-1)) mean|W|`` per tensor, the ``2^b``
     symmetric levels without zero, clipped STE. Brevitas view: signed ``b``-bit ints, zero point -0.5.
     """
 
-    proxy_class = DAQWeightQuantProxy
     tensor_quant = N2UQWeightTensorQuant
     scaling_impl = N2UQWeightScaling
     int_quant = N2UQWeightIntQuant
-    int_scaling_impl = IntScaling
-    input_view_impl = Identity
-    bit_width_impl_type = BitWidthImplType.CONST
-    float_to_int_impl_type = FloatToIntImplType.ROUND
-    scaling_per_output_type = ScalingPerOutputType.TENSOR
-    signed = True
-    narrow_range = False
-    bit_width = 4
-    num_channels = 1
-
-    @value
-    def ch_axis(output_channel_dim):
-        return output_channel_dim
 
 
 class N2UQWeightPerChannel(N2UQWeightPerTensor):
     """:class:`N2UQWeightPerTensor` with one ``α`` per output channel (the paper's form)."""
 
     scaling_per_output_type = ScalingPerOutputType.CHANNEL
-
-    @value
-    def num_channels(tracked_parameter_list, output_channel_dim):
-        return int(tracked_parameter_list[0].shape[output_channel_dim])
+    num_channels = per_output_channel
 
 
-class N2UQActPerTensor(ActQuantSolver):
+class N2UQActPerTensor(FamilyActQuant):
     """Unsigned N2UQ activations for ReLU-like inputs (the paper's levels ``Δ k``, ``k = 0..n``): learned
     start ``s``, widths ``a_j`` (non-uniform input thresholds) and output scale, G-STE.
     """
@@ -348,14 +288,6 @@ class N2UQActPerTensor(ActQuantSolver):
     tensor_quant = N2UQActTensorQuant
     scaling_impl = N2UQActScaling
     int_quant = N2UQActIntQuant
-    int_scaling_impl = IntScaling
-    input_view_impl = Identity
-    bit_width_impl_type = BitWidthImplType.CONST
-    float_to_int_impl_type = FloatToIntImplType.ROUND
-    scaling_per_output_type = ScalingPerOutputType.TENSOR
-    signed = False
-    narrow_range = False
-    bit_width = 4
     init = "mse"        # first-batch bounds of the uniform quantizer N2UQ starts from ("std": 3 std)
     init_num_std = 3.0
 
@@ -368,7 +300,4 @@ class N2UQSignedActPerTensor(N2UQActPerTensor):
 
 def is_n2uq_quantizer(quant) -> bool:
     """Whether ``quant`` (an injector class) is one of the N2UQ quantizers or a subclass."""
-    try:
-        return issubclass(quant, (N2UQWeightPerTensor, N2UQActPerTensor))
-    except TypeError:
-        return False
+    return is_family_quantizer(quant, (N2UQWeightPerTensor, N2UQActPerTensor))

@@ -71,3 +71,10 @@ __all__ += ["MIN_ACTIVATION_RANGE", "DAQInitWarning", "widen_degenerate_range",
 from .params import split_parameters  # noqa: E402
 
 __all__ += ["split_parameters"]
+
+from .family import ACTIVATION, WEIGHT, FamilyQuantizer, FamilyStateMixin, QuantizerFamily, family_modules  # noqa: E402
+from . import cpq  # noqa: E402
+from .cpq import CPQ, BitBudget, bit_regularizer, cpq_fake_quantize  # noqa: E402
+
+__all__ += ["ACTIVATION", "WEIGHT", "FamilyQuantizer", "FamilyStateMixin", "QuantizerFamily", "family_modules",
+            "cpq", "CPQ", "BitBudget", "bit_regularizer", "cpq_fake_quantize"]

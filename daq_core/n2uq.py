@@ -221,3 +221,124 @@ def n2uq_init_activation(x: torch.Tensor, bits: int, signed: bool, method: str =
     widths = step.reshape(1).expand(n).clone()
     return (start.reshape(()).float(), widths.float(), (step * n / 2).reshape(()).float(),
             zero_point.reshape(()).to(torch.int64))
+
+
+# ----------------------------------------------------------------------------------------------
+# N2UQ as a quantizer family (daq_core.family): what an integer-backend adapter hosts
+# ----------------------------------------------------------------------------------------------
+
+from .family import QuantizerFamily  # noqa: E402
+
+#: Smallest quantization step an integer backend accepts (float32 eps; see daq_core.daq.INT_EPS).
+_INT_EPS = float(torch.finfo(torch.float32).eps)
+
+
+class N2UQFamily(QuantizerFamily):
+    """N2UQ as a :class:`daq_core.family.QuantizerFamily`.
+
+    Activations (per tensor): learned ``start``, positive ``widths`` (``n = 2^b - 1``) and
+    ``output_scale``, a first-batch ``zero_point``; output ``Δ (round(g(A)) - zp)``, ``Δ = |scale| 2/n``:
+    codes ``round(g(A))`` in ``0 … n`` (uniform output levels, non-uniform input thresholds).
+    Weights: ``α = (n / 2^(b-1)) mean|W|`` per output channel or tensor (a statistic recomputed on
+    every forward; the buffer ``alpha`` records the last one), levels ``α (2k - n)/n``: the odd
+    integers ``-n … n`` times ``α / n`` (DAQ's weight grid; int8 holds them up to 7 bits).
+    Options: ``init`` (``"mse"`` / ``"std"``), ``num_std``.
+    """
+
+    name = "n2uq"
+    title = "N2UQ"
+    max_weight_bits = 7
+    symmetric_weights = "weights are always symmetric"
+    per_tensor_activations = "N2UQ activations are per tensor"
+    convertible_activations = False
+
+    def configure(self, state, init: str = "mse", num_std: float = 3.0) -> None:
+        from .checks import check_positive
+        from .init import check_init_method
+
+        state.init = check_init_method(init)
+        state.num_std = check_positive(num_std, "num_std")
+
+    def create_state(self, state, device=None) -> None:
+        from torch import nn
+
+        if state.is_weight:
+            state.register_buffer("alpha", torch.ones(1, device=device))
+        else:
+            state.start = nn.Parameter(torch.zeros(1, device=device))
+            state.widths = nn.Parameter(n2uq_init_widths(state.bits).to(device))
+            state.output_scale = nn.Parameter(torch.ones(1, device=device))
+            state.register_buffer("zero_point", torch.zeros(1, dtype=torch.int64, device=device))
+
+    def resizable(self, state):
+        return ("alpha",) if state.is_weight else ()
+
+    def check_state_dict(self, state, state_dict, prefix: str) -> None:
+        key = prefix + "widths"
+        if not state.is_weight and key in state_dict and state_dict[key].shape != state.widths.shape:
+            raise ValueError(f"checkpoint entry '{key}' holds {state_dict[key].numel()} widths, this N2UQ activation"
+                             f" quantizer has bits={state.bits} ({state.num_levels} widths): build the model with the"
+                             " bit-width the checkpoint was trained with")
+
+    def weight_axis(self, state, w: torch.Tensor) -> Optional[int]:
+        return state.ch_axis if state.ch_axis is not None and w.dim() >= 2 else None
+
+    @torch.no_grad()
+    def set_alpha(self, state, w: torch.Tensor) -> None:
+        alpha = n2uq_weight_alpha(w, state.bits, self.weight_axis(state, w), _INT_EPS).reshape(-1).float()
+        state.set_state_tensor("alpha", alpha)
+
+    @torch.no_grad()
+    def initialize(self, state, x: torch.Tensor) -> None:
+        """Weights record ``α``; activations start as DAQ's first-batch uniform quantizer."""
+        from .checks import check_finite
+
+        if state.is_weight:
+            self.set_alpha(state, x)
+            return
+        check_finite(x, f"the first batch of {state.label()}")   # before any state changes
+        if state.upper_limit is not None:
+            x = x.clamp(max=state.upper_limit)
+        signed = state.decide_signed(x)
+        start, widths, scale, zero_point = n2uq_init_activation(x, state.bits, signed=signed, method=state.init,
+                                                                num_std=state.num_std)
+        state.start.data.copy_(start.reshape(1))
+        state.widths.data.copy_(widths)
+        state.output_scale.data.copy_(scale.reshape(1))
+        state.zero_point.copy_(zero_point.reshape(1))
+
+    def forward(self, state, x: torch.Tensor) -> torch.Tensor:
+        if state.is_weight:
+            self.set_alpha(state, x)
+            return n2uq_weight(x, state.bits, self.weight_axis(state, x), _INT_EPS)   # step α/n ≥ eps
+        if state.upper_limit is not None:
+            x = torch.clamp(x, max=state.upper_limit)
+        return n2uq_fake_quantize_activation(x, state.start.reshape(()), state.widths,
+                                             state.output_scale.reshape(()), state.zero_point.reshape(()))
+
+    def qparams(self, state):
+        """Weights: ``α / n`` (per channel), zero point 0; activations: ``Δ = |scale| 2/n`` and ``zp``."""
+        with torch.no_grad():
+            if state.is_weight:
+                scale = (state.alpha / state.num_levels).float()
+                return scale, torch.zeros(scale.shape, dtype=torch.int64, device=scale.device)
+            step = n2uq_step(state.output_scale, state.bits).float().clamp_min(_INT_EPS)
+            return step.reshape(1), state.zero_point.clone()
+
+    def int_range(self, state):
+        n = state.num_levels
+        return (-n, n) if state.is_weight else (0, n)
+
+    def extra_repr(self, state) -> str:
+        if state.is_weight:
+            return f"ch_axis={state.ch_axis}"
+        text = f"signed={ {-1: 'auto', 0: False, 1: True}[int(state.signed.item())] }, init={state.init!r}"
+        if state.upper_limit is not None:
+            text += f", upper_limit={state.upper_limit}"
+        return text
+
+
+#: the N2UQ family (one instance)
+N2UQ = N2UQFamily()
+
+__all__ += ["N2UQ", "N2UQFamily"]

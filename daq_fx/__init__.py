@@ -19,7 +19,7 @@ from .convert import (
     output_agreement,
     quantized_zero_padding,
 )
-from .fake_quantize import ACTIVATION, WEIGHT, AveragedActivation, DAQFakeQuantize
+from .fake_quantize import ACTIVATION, WEIGHT, AveragedActivation, DAQFakeQuantize, FamilyFakeQuantize
 from .n2uq import (
     N2UQConvertError,
     N2UQFakeQuantize,
@@ -27,6 +27,7 @@ from .n2uq import (
     get_n2uq_qconfig,
     n2uq_activation_quantizers,
 )
+from .cpq import CPQBackendError, CPQFakeQuantize, get_cpq_qat_qconfig_mapping, get_cpq_qconfig, layer_bit_widths
 from .params import quantizer_parameters
 from .prepare import (
     DAQPrepareError,
@@ -42,6 +43,8 @@ from .prepare import (
 )
 from .qconfig import (
     BACKENDS,
+    family_qat_qconfig_mapping,
+    family_qconfig,
     first_and_last_layer_names,
     get_daq_backend_config,
     get_daq_qat_qconfig_mapping,

@@ -23,8 +23,8 @@ import torch
 from torch import fx, nn
 from torch.ao.quantization import quantize_fx as _quantize_fx
 
-from .fake_quantize import DAQFakeQuantize
-from .n2uq import N2UQFakeQuantize, check_convertible
+from .fake_quantize import FamilyFakeQuantize
+from .n2uq import check_convertible
 from .prepare import _fold_shape, weight_fold_factor
 from .qconfig import get_daq_backend_config
 
@@ -33,7 +33,7 @@ __all__ = ["bake_weight", "bake_daq_weights", "convert_fx", "insert_activation_c
 
 
 @torch.no_grad()
-def bake_weight(fake_quant: DAQFakeQuantize | N2UQFakeQuantize, weight: torch.Tensor,
+def bake_weight(fake_quant: FamilyFakeQuantize, weight: torch.Tensor,
                 fold_factor: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The float weight that any ``round(W f / scale)`` lowering turns into DAQ's integers.
 
@@ -44,8 +44,9 @@ def bake_weight(fake_quant: DAQFakeQuantize | N2UQFakeQuantize, weight: torch.Te
     Raises:
         ValueError: if ``f`` is zero in some channel (zero BN γ): the fold cannot be undone.
     """
-    if not isinstance(fake_quant, (DAQFakeQuantize, N2UQFakeQuantize)) or not fake_quant.is_weight:
-        raise TypeError(f"fake_quant must be a weight DAQFakeQuantize or N2UQFakeQuantize, got {fake_quant!r}")
+    if not isinstance(fake_quant, FamilyFakeQuantize) or not fake_quant.is_weight:
+        raise TypeError(f"fake_quant must be a weight DAQFakeQuantize, N2UQFakeQuantize or CPQFakeQuantize"
+                        f" (a daq_fx.FamilyFakeQuantize), got {fake_quant!r}")
     if fold_factor is None:
         return fake_quant(weight).detach()
     if bool((fold_factor == 0).any()):
@@ -69,7 +70,7 @@ def bake_daq_weights(model: nn.Module) -> List[str]:
     baked = []
     for name, module in model.named_modules():
         fq = getattr(module, "weight_fake_quant", None)
-        if not isinstance(fq, (DAQFakeQuantize, N2UQFakeQuantize)) or fq.fake_quant_enabled[0] == 0:
+        if not isinstance(fq, FamilyFakeQuantize) or fq.fake_quant_enabled[0] == 0:
             continue
         factor = weight_fold_factor(module)
         if factor is not None:
@@ -103,7 +104,7 @@ def _bake_functional_weights(model: fx.GraphModule) -> List[str]:
             continue
         fq = model.get_submodule(node.target)
         source = node.args[0]
-        if not isinstance(fq, (DAQFakeQuantize, N2UQFakeQuantize)) or not fq.is_weight \
+        if not isinstance(fq, FamilyFakeQuantize) or not fq.is_weight \
                 or fq.fake_quant_enabled[0] == 0 or not isinstance(source, fx.Node) or source.op != "get_attr":
             continue
         owner, _, attr = source.target.rpartition(".")
@@ -118,10 +119,14 @@ def _bake_functional_weights(model: fx.GraphModule) -> List[str]:
 
 
 def activation_grids(model: nn.Module) -> List[Tuple[float, int, int]]:
-    """``(scale, zero_point, quant_max)`` of every DAQ activation quantizer in a prepared model."""
+    """``(scale, zero_point, quant_max)`` of every DAQ / CPQ activation quantizer in a prepared model.
+
+    CPQ quantizers report their learned bit-width's grid (``quant_max = 2^b - 1``).
+    """
     grids = []
     for module in model.modules():
-        if isinstance(module, DAQFakeQuantize) and not module.is_weight and module.fake_quant_enabled[0] == 1:
+        if isinstance(module, FamilyFakeQuantize) and not module.is_weight and module.fake_quant_enabled[0] == 1 \
+                and module.family.convertible_activations:
             scale, zero_point = module.calculate_qparams()
             grids.append((float(scale.item()), int(zero_point.item()), module.quant_max))
     return grids

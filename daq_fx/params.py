@@ -8,8 +8,7 @@ from torch import nn
 
 import daq_core
 
-from .fake_quantize import DAQFakeQuantize
-from .n2uq import N2UQFakeQuantize
+from .fake_quantize import FamilyFakeQuantize
 
 __all__ = ["quantizer_parameters"]
 
@@ -19,8 +18,10 @@ def quantizer_parameters(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.
 
     The quantizer parameters are the bounds ``l, u`` (Eq. 1) and weight output scales ``s``
     (Eq. 3) of every :class:`DAQFakeQuantize`, and the start ``s``, widths ``a`` and output scale of
-    every N2UQ activation quantizer (:class:`N2UQFakeQuantize`; N2UQ weights have none); the paper trains them with Adam, lr 1e-4 and
-    no weight decay, the network with SGD (DAQ-SPEC §6).
+    every N2UQ activation quantizer (:class:`N2UQFakeQuantize`; N2UQ weights have none), and the steps,
+    noise scales and bit gates of every CPQ quantizer (:class:`daq_fx.CPQFakeQuantize`; any
+    :class:`daq_fx.FamilyFakeQuantize`); the paper trains them with Adam, lr 1e-4 and no weight decay,
+    the network with SGD (DAQ-SPEC §6).
 
     Returns:
         ``(quantizer_params, other_params)``, each without duplicates.
@@ -30,4 +31,4 @@ def quantizer_parameters(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.
         >>> optimizer = torch.optim.SGD([{"params": rest, "lr": 5e-3, "momentum": 0.9},
         ...                              {"params": quant, "lr": 1e-4, "weight_decay": 0}])  # doctest: +SKIP
     """
-    return daq_core.split_parameters(model, (DAQFakeQuantize, N2UQFakeQuantize))
+    return daq_core.split_parameters(model, FamilyFakeQuantize)

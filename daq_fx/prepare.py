@@ -34,8 +34,7 @@ from torch.ao.quantization import quantize_fx as _quantize_fx
 
 from daq_core import check_bits, check_finite
 
-from .fake_quantize import ACTIVATION, AveragedActivation, DAQFakeQuantize
-from .n2uq import N2UQFakeQuantize
+from .fake_quantize import ACTIVATION, AveragedActivation, DAQFakeQuantize, FamilyFakeQuantize
 from .qconfig import get_daq_backend_config
 
 __all__ = ["prepare_qat_fx", "prepare_timm_model", "check_batchnorm", "initialize_weight_quantizers",
@@ -517,7 +516,7 @@ def initialize_weight_quantizers(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         fq = getattr(module, "weight_fake_quant", None)
-        if isinstance(fq, (DAQFakeQuantize, N2UQFakeQuantize)) and fq.initialized[0] == 0:
+        if isinstance(fq, FamilyFakeQuantize) and fq.initialized[0] == 0:
             fq.initialize(folded_weight(module))
             count += 1
     return count
@@ -563,7 +562,7 @@ def _apply_relu6_caps(prepared: torch.fx.GraphModule, anchors: Dict[str, float])
             for user in node.users:
                 if user.op == "call_module":
                     fq = prepared.get_submodule(user.target)
-                    if isinstance(fq, (DAQFakeQuantize, N2UQFakeQuantize)) and not fq.is_weight:
+                    if isinstance(fq, FamilyFakeQuantize) and not fq.is_weight:
                         fq.set_upper_limit(anchors[node.target])
                         count += 1
     return count
@@ -657,8 +656,16 @@ def _initialize_off_lattice(module: DAQFakeQuantize, args) -> None:
     """Forward pre-hook: the first-batch initialisation, then both bounds times ``OFF_LATTICE_FACTOR``."""
     if module.initialized[0] == 0 and module.observer_enabled[0] == 1 and args and isinstance(args[0], torch.Tensor):
         module.initialize(args[0])
-        module.lower_bound.mul_(OFF_LATTICE_FACTOR)     # 0 (unsigned) stays 0; the zero point is unchanged
-        module.upper_bound.mul_(OFF_LATTICE_FACTOR)
+        if isinstance(module, DAQFakeQuantize):
+            module.lower_bound.mul_(OFF_LATTICE_FACTOR)     # 0 (unsigned) stays 0; the zero point is unchanged
+            module.upper_bound.mul_(OFF_LATTICE_FACTOR)
+        else:                                               # CPQ: the step (zero point 0 or 2^(b-1))
+            module.step.mul_(OFF_LATTICE_FACTOR)
+
+
+def _on_lattice_grid(module: FamilyFakeQuantize) -> bool:
+    """Families whose activation grid is uniform and set from the first batch's range (DAQ, CPQ)."""
+    return isinstance(module, DAQFakeQuantize) or module.family.name == "cpq"
 
 
 def initialize_activations_off_lattice(model: nn.Module) -> int:
@@ -686,7 +693,8 @@ def initialize_activations_off_lattice(model: nn.Module) -> int:
     count = 0
     seen = set()
     for module in model.modules():
-        if isinstance(module, DAQFakeQuantize) and not module.is_weight and id(module) not in seen:
+        if isinstance(module, FamilyFakeQuantize) and _on_lattice_grid(module) and not module.is_weight \
+                and id(module) not in seen:
             seen.add(id(module))
             if module.initialized[0] == 0:
                 module.register_forward_pre_hook(_initialize_off_lattice)
@@ -701,7 +709,9 @@ def _wrap_averages(prepared: torch.fx.GraphModule) -> int:
                for node in prepared.graph.nodes if node.op == "call_module"}
     count = 0
     for node in list(prepared.graph.nodes):
-        if node.op != "call_module" or not isinstance(modules.get(node.target), DAQFakeQuantize):
+        fq = modules.get(node.target)
+        if node.op != "call_module" or not isinstance(fq, FamilyFakeQuantize) or fq.is_weight \
+                or not fq.family.convertible_activations:
             continue
         source = node.args[0]
         if not isinstance(source, torch.fx.Node) or not _is_averaging(source, modules):
@@ -832,7 +842,7 @@ def name_quantizers(prepared: torch.fx.GraphModule) -> int:
     count = 0
     for name, module in prepared.named_modules():
         fq = getattr(module, "weight_fake_quant", None)
-        if isinstance(fq, DAQFakeQuantize):
+        if isinstance(fq, FamilyFakeQuantize):
             fq.name = f"{name}.weight_fake_quant"
             count += 1
     attrs = prepared.meta.get("_observed_graph_module_attrs")
@@ -843,7 +853,7 @@ def name_quantizers(prepared: torch.fx.GraphModule) -> int:
         fq = prepared.get_submodule(node.target)
         if isinstance(fq, AveragedActivation):
             continue
-        if isinstance(fq, DAQFakeQuantize) and not fq.is_weight and not fq.name:
+        if isinstance(fq, FamilyFakeQuantize) and not fq.is_weight and not fq.name:
             fq.name = f"{node.target} ({_describe_producer(node.args[0] if node.args else None, scopes)})"
             count += 1
     return count
@@ -853,7 +863,7 @@ def _check_first_batch_finite(module: nn.Module, args) -> None:
     """Forward pre-hook of a prepared model: refuse a non-finite input while quantizers await their first batch."""
     if getattr(module, "_daq_activations_initialized", False):
         return
-    pending = any(isinstance(m, (DAQFakeQuantize, N2UQFakeQuantize)) and not m.is_weight
+    pending = any(isinstance(m, FamilyFakeQuantize) and not m.is_weight
                   and m.initialized[0] == 0 and m.observer_enabled[0] == 1 for m in module.modules())
     if not pending:
         module._daq_activations_initialized = True     # checked once per call until then; free afterwards

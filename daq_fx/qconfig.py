@@ -8,7 +8,7 @@ converted models agree there (INTEGRATION-NOTES, torch.ao FX).
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Tuple
+from typing import Callable, Iterable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -24,10 +24,14 @@ from torch.ao.quantization.backend_config.x86 import get_x86_backend_config
 
 from daq_core import DEFAULT_GAMMA, MAX_INT8_WEIGHT_BITS, check_bits, check_positive, check_rounding
 
-from .fake_quantize import ACTIVATION, WEIGHT, DAQFakeQuantize
+from daq_core.family import QuantizerFamily
+
+from .fake_quantize import ACTIVATION, WEIGHT, DAQFakeQuantize, FamilyFakeQuantize
 
 __all__ = [
     "BACKENDS",
+    "family_qconfig",
+    "family_qat_qconfig_mapping",
     "get_daq_qconfig",
     "get_daq_qat_qconfig_mapping",
     "get_daq_backend_config",
@@ -114,13 +118,70 @@ def get_daq_qat_qconfig_mapping(backend: str = "x86", weight_bits: int = 4, act_
         >>> mapping = get_daq_qat_qconfig_mapping("x86", 4, 4,
         ...                                       float_module_names=first_and_last_layer_names(model))
     """
+    mapping = family_qat_qconfig_mapping(
+        DAQFakeQuantize.family, backend, per_channel=per_channel, float_module_names=float_module_names,
+        float_module_types=float_module_types,
+        qconfig=lambda channel_wise: get_daq_qconfig(weight_bits, act_bits, channel_wise, gamma, weight_sigma,
+                                                     act_sigma, init=init, rounding=rounding, beta=beta))
+    if intermediate_act_bits is not None:
+        check_bits(intermediate_act_bits, "intermediate_act_bits")
+    mapping.daq_intermediate_act_bits = intermediate_act_bits   # read by daq_fx.prepare_qat_fx
+    return mapping
+
+
+def family_qconfig(family: QuantizerFamily, weight_bits: int = 4, act_bits: int = 4, per_channel: bool = True,
+                   act_signed: Optional[bool] = None, weight_options: Optional[dict] = None,
+                   act_options: Optional[dict] = None, **options) -> QConfig:
+    """A ``QConfig`` with :class:`daq_fx.FamilyFakeQuantize` weight and activation fake-quants of ``family``.
+
+    ``options`` go to both, ``weight_options`` / ``act_options`` to one. Each family's named
+    ``get_*_qconfig`` (DAQ, N2UQ, CPQ) is this with its own keyword arguments.
+
+    Example:
+        >>> from daq_core.cpq import CPQ
+        >>> family_qconfig(CPQ, 4, 4, learn_bits=True).weight().qscheme
+        torch.per_channel_symmetric
+    """
+    if not isinstance(family, QuantizerFamily):
+        raise TypeError(f"family must be a daq_core.family.QuantizerFamily, got {family!r}")
+    if not isinstance(per_channel, bool):
+        raise TypeError(f"per_channel must be True or False, got {per_channel!r}")
+    check_bits(weight_bits, "weight_bits", family.max_weight_bits)
+    check_bits(act_bits, "act_bits")
+    weight = FamilyFakeQuantize.for_family(family, role=WEIGHT, bits=weight_bits, ch_axis=0 if per_channel else None,
+                                           **options, **(weight_options or {}))
+    activation = FamilyFakeQuantize.for_family(family, role=ACTIVATION, bits=act_bits, signed=act_signed,
+                                               **options, **(act_options or {}))
+    return QConfig(activation=activation, weight=weight)
+
+
+def family_qat_qconfig_mapping(family: QuantizerFamily, backend: str = "x86", weight_bits: int = 4,
+                               act_bits: int = 4, per_channel: bool = True, float_module_names: Iterable[str] = (),
+                               float_module_types: Iterable[type] = (),
+                               qconfig: Optional[Callable[[bool], QConfig]] = None, **options) -> QConfigMapping:
+    """torch's default QAT ``QConfigMapping`` for ``backend`` with ``family`` as the global qconfig.
+
+    Shared by every family (:func:`get_daq_qat_qconfig_mapping`, :func:`daq_fx.get_n2uq_qat_qconfig_mapping`,
+    :func:`daq_fx.get_cpq_qat_qconfig_mapping`): fixed-qparam ops keep torch's own fake-quants,
+    transposed convolutions get per-tensor weights (their output channels are on axis 1),
+    ``float_module_names`` / ``float_module_types`` stay float.
+
+    Args:
+        family: the quantizer family.
+        qconfig: ``per_channel -> QConfig``; default :func:`family_qconfig` with ``weight_bits``,
+            ``act_bits`` and ``options``.
+
+    Example:
+        >>> from daq_core.cpq import CPQ
+        >>> mapping = family_qat_qconfig_mapping(CPQ, "x86", 8, 8, learn_bits=True)
+    """
     backend = _check_backend(backend)
-    qconfig = get_daq_qconfig(weight_bits, act_bits, per_channel, gamma, weight_sigma, act_sigma, init=init,
-                              rounding=rounding, beta=beta)
-    mapping = get_default_qat_qconfig_mapping(backend).set_global(qconfig)
+    if qconfig is None:
+        def qconfig(channel_wise: bool) -> QConfig:
+            return family_qconfig(family, weight_bits, act_bits, channel_wise, **options)
+    mapping = get_default_qat_qconfig_mapping(backend).set_global(qconfig(per_channel))
     if per_channel:
-        per_tensor = get_daq_qconfig(weight_bits, act_bits, False, gamma, weight_sigma, act_sigma, init=init,
-                                     rounding=rounding, beta=beta)
+        per_tensor = qconfig(False)
         for transposed in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
             mapping.set_object_type(transposed, per_tensor)
     if isinstance(float_module_names, str):
@@ -128,14 +189,14 @@ def get_daq_qat_qconfig_mapping(backend: str = "x86", weight_bits: int = 4, act_
                         f" write [{float_module_names!r}]")
     for name in float_module_names:
         mapping.set_module_name(name, None)
+    if isinstance(float_module_types, type):
+        float_module_types = (float_module_types,)
     for module_type in float_module_types:
         if not isinstance(module_type, type):
             raise TypeError(f"float_module_types must hold module classes, got {module_type!r}")
         mapping.set_object_type(module_type, None)
     mapping.daq_backend = backend   # read by daq_fx.prepare_qat_fx / convert_fx
-    if intermediate_act_bits is not None:
-        check_bits(intermediate_act_bits, "intermediate_act_bits")
-    mapping.daq_intermediate_act_bits = intermediate_act_bits   # read by daq_fx.prepare_qat_fx
+    mapping.daq_family = family.name
     return mapping
 
 

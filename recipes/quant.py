@@ -34,8 +34,9 @@ FRAMEWORKS = ("fx", "brevitas", "stock", "lsq", "brevitas-stock")
 FX_FRAMEWORKS = ("fx", "stock", "lsq")
 #: DAQ's rounding and the paper's ablations (``daq_core.ROUNDINGS``); fx only
 ROUNDINGS = ("dasr", "ste", "soft")
-#: the quantizer family inside the fx / brevitas plugins: DAQ, or N2UQ (issue 7; DAQ-SPEC §8)
-QUANTIZERS = ("daq", "n2uq")
+#: the quantizer family inside the fx / brevitas plugins: DAQ, N2UQ (issue 7; DAQ-SPEC §8), or CPQ
+#: (issue 17; reconstructed from the abstract, CPQ-SPEC)
+QUANTIZERS = ("daq", "n2uq", "cpq")
 
 
 class QuantError(RuntimeError):
@@ -70,6 +71,10 @@ def _daq_fx_qconfig_mapping(spec: "QuantSpec"):
     if spec.quantizer == "n2uq":
         return daq_fx.get_n2uq_qat_qconfig_mapping(backend=spec.backend, weight_bits=spec.weight_bits,
                                                    act_bits=8 if spec.act_bits >= 32 else spec.act_bits)
+    if spec.quantizer == "cpq":
+        return daq_fx.get_cpq_qat_qconfig_mapping(backend=spec.backend, weight_bits=spec.weight_bits,
+                                                  act_bits=8 if spec.act_bits >= 32 else spec.act_bits,
+                                                  learn_bits=spec.learn_bits)
     if spec.rounding != "dasr":
         kwargs.update(rounding=spec.rounding, beta=spec.beta)
     if spec.intermediate_act_bits:
@@ -104,6 +109,13 @@ class QuantSpec:
     beta: Optional[float] = None
     quantizer: str = "daq"
     intermediate_act_bits: Optional[int] = None
+    #: CPQ: learn each quantizer's bit-width (``weight_bits`` / ``act_bits`` are then the largest ones)
+    learn_bits: bool = False
+    #: CPQ: the regulariser weight λ (the initial one when a target is given)
+    bit_regularization: float = 0.0
+    #: CPQ: target average bit-widths (size-weighted), reached by adjusting λ
+    target_weight_bits: Optional[float] = None
+    target_act_bits: Optional[float] = None
     extra: Dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -111,11 +123,12 @@ class QuantSpec:
             raise QuantError(f"unknown --framework {self.framework!r}: choose one of {', '.join(FRAMEWORKS)}")
         if self.quantizer not in QUANTIZERS:
             raise QuantError(f"unknown --quantizer {self.quantizer!r}: choose one of {', '.join(QUANTIZERS)}")
+        self._check_learned_bits()
         if self.quantizer != "daq" and self.framework not in ("fx", "brevitas"):
             raise QuantError(f"--quantizer {self.quantizer} is wired for --framework fx and brevitas, not"
                              f" {self.framework!r} (a baseline with its own quantizer)")
         if self.quantizer != "daq" and self.rounding != "dasr":
-            raise QuantError("--rounding selects DAQ's ablations; it does not apply to --quantizer n2uq")
+            raise QuantError(f"--rounding selects DAQ's ablations; it does not apply to --quantizer {self.quantizer}")
         if self.intermediate_act_bits and (self.framework != "fx" or self.quantizer != "daq"):
             raise QuantError("--intermediate-act-bits is wired for --framework fx with the DAQ quantizer only")
         if self.rounding not in ROUNDINGS:
@@ -128,6 +141,37 @@ class QuantSpec:
         if self.framework in ("stock", "lsq", "brevitas-stock") and self.weight_bits < 2:
             raise QuantError(f"--framework {self.framework} has no 1-bit weight grid (its signed range at 1 bit is"
                              f" {{-1, 0}}); use 2 bits or more, or --framework fx/brevitas (DAQ: ±1)")
+
+
+    def _check_learned_bits(self):
+        from daq_core import cpq
+
+        try:
+            self.bit_regularization = cpq.check_regularization(self.bit_regularization)
+            targets = {"weight": cpq.check_target_bits(self.target_weight_bits, "--target-avg-bits (weights)"),
+                       "activation": cpq.check_target_bits(self.target_act_bits, "--target-avg-bits (activations)")}
+        except (TypeError, ValueError) as e:
+            raise QuantError(str(e).replace("the bit-width regularizer weight", "--bit-regularization")) from e
+        if not self.learn_bits:
+            if any(t is not None for t in targets.values()) or self.bit_regularization:
+                raise QuantError("--target-avg-bits and --bit-regularization steer learned bit-widths: add"
+                                 " --learn-bits (with --quantizer cpq)")
+            return
+        if self.quantizer != "cpq":
+            raise QuantError(f"--learn-bits needs --quantizer cpq (CPQ's DropBits gates learn the bit-widths);"
+                             f" {self.quantizer} has fixed bit-widths")
+        if self.framework not in ("fx", "brevitas"):
+            raise QuantError(f"--framework {self.framework} cannot hold a learned bit-width (its quantizers have"
+                             f" one fixed grid per layer); CPQ learned bit-widths are wired for --framework fx (x86"
+                             f" int model, each layer at its own bit-width) and brevitas (per-layer QONNX bit-widths)")
+        if self.act_bits >= 32 and targets["activation"] is not None:
+            raise QuantError("a target activation bit-width needs quantized activations: --bits WxA32 keeps them"
+                             " in float")
+        for role, maximum in (("weight", self.weight_bits), ("activation", self.act_bits)):
+            if targets[role] is not None and targets[role] > maximum:
+                raise QuantError(f"--target-avg-bits asks {targets[role]:g} {role} bits on average, above the"
+                                 f" largest bit-width {maximum} of --bits: learned bit-widths only drop bits; raise"
+                                 f" --bits (e.g. W8A8) or lower the target")
 
 
 def prepare(model: nn.Module, spec: QuantSpec, example_inputs) -> nn.Module:
@@ -167,8 +211,10 @@ def prepare(model: nn.Module, spec: QuantSpec, example_inputs) -> nn.Module:
         return prepared
     daq_brevitas = _import_daq_brevitas()
     kwargs = {}
-    if spec.quantizer == "n2uq":
-        kwargs["quantizer"] = "n2uq"
+    if spec.quantizer in ("n2uq", "cpq"):
+        kwargs["quantizer"] = spec.quantizer
+    if spec.learn_bits:
+        kwargs["family_options"] = {"learn_bits": True}
     if spec.framework == "brevitas-stock":
         from .baselines import brevitas_stock_quantizers
 
@@ -264,6 +310,8 @@ def convert(qat_model: nn.Module, spec: QuantSpec, out_dir: Optional[Path] = Non
         artifacts["note"] = ("float activations (A32): torch.ao has no x86 int8 kernel for weight-only convs,"
                              " so no int model is built; the QAT accuracy is the result")
         return None, artifacts
+    if spec.quantizer == "cpq":
+        artifacts["cpq"] = "CPQ (reconstructed from the abstract; CPQ-SPEC, docs/cpq.md)"
     if spec.quantizer == "n2uq":
         artifacts["note"] = ("N2UQ's learned non-uniform activation thresholds have no int8-kernel or QONNX"
                              " equivalent: daq_fx.convert_fx and the QONNX export refuse it rather than convert"
@@ -327,18 +375,18 @@ def model_size_bits(qat_model: nn.Module, spec: QuantSpec) -> Dict[str, int]:
     """
     model = getattr(qat_model, "module", qat_model)
     qparams = {id(p) for p in quantizer_parameters(model, spec)}
-    quant_weights = set()
+    quant_weights = {}
     for mod in model.modules():
         w = getattr(mod, "weight", None)
         if isinstance(w, torch.Tensor) and (hasattr(mod, "weight_fake_quant") or hasattr(mod, "weight_quant")):
-            quant_weights.add(id(w))
+            quant_weights[id(w)] = _learned_weight_bits(mod) or spec.weight_bits
     q_bits = f_bits = 0
     float_params = 0
     for p in model.parameters():
         if id(p) in qparams:
             continue
         if id(p) in quant_weights:
-            q_bits += p.numel() * spec.weight_bits
+            q_bits += p.numel() * quant_weights[id(p)]
         else:
             f_bits += p.numel() * 32
             float_params += p.numel()
@@ -347,6 +395,49 @@ def model_size_bits(qat_model: nn.Module, spec: QuantSpec) -> Dict[str, int]:
             f_bits += b.numel() * 32
     return {"quantized_weight_bits": q_bits, "float_bits": f_bits, "total_bits": q_bits + f_bits,
             "float_params": float_params}
+
+
+def _learned_weight_bits(module: nn.Module) -> Optional[int]:
+    """The learned bit-width of a layer's CPQ weight quantizer (None for fixed-bit quantizers)."""
+    from daq_core.family import FamilyStateMixin
+
+    holder = getattr(module, "weight_fake_quant", None) or getattr(module, "weight_quant", None)
+    if holder is None:
+        return None
+    for sub in holder.modules():
+        if isinstance(sub, FamilyStateMixin) and sub.family.learns_bits:
+            return int(sub.bit_width)
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# CPQ learned bit-widths (CPQ-SPEC §6)
+# --------------------------------------------------------------------------------------
+
+def bit_budget(spec: QuantSpec):
+    """The regulariser and λ controller of a ``--learn-bits`` run (None otherwise)."""
+    if not spec.learn_bits:
+        return None
+    from daq_core.cpq import BitBudget
+
+    return BitBudget(spec.bit_regularization, spec.target_weight_bits, spec.target_act_bits)
+
+
+def gate_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The bit gates (``gate_logits``) of every CPQ quantizer: trained with their own, faster Adam group."""
+    from daq_core.family import family_modules
+
+    return [m.gate_logits for m in family_modules(getattr(model, "module", model)).values()
+            if getattr(m, "gate_logits", None) is not None]
+
+
+def layer_bits(model: nn.Module, spec: QuantSpec) -> Dict[str, Dict[str, Optional[int]]]:
+    """``{layer: {"weight": b, "activation": b}}`` of a CPQ model (empty for other quantizers)."""
+    if spec.quantizer != "cpq":
+        return {}
+    model = getattr(model, "module", model)
+    lib = _import_daq_fx() if spec.framework == "fx" else _import_daq_brevitas()
+    return lib.layer_bit_widths(model)
 
 
 def float_size_bits(model: nn.Module) -> int:

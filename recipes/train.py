@@ -66,6 +66,22 @@ def parse_bits(text: str):
         raise argparse.ArgumentTypeError(f"--bits expects WxAy with integers, got {text!r}") from None
 
 
+def parse_target_bits(text: str):
+    """``--target-avg-bits``: ``4`` (weights and activations), ``W3A4`` or ``3,4`` -> ``(weights, activations)``."""
+    t = text.upper().replace(" ", "")
+    try:
+        if t.startswith("W") and "A" in t:
+            w, a = t[1:].split("A", 1)
+            return float(w), float(a)
+        if "," in t:
+            w, a = t.split(",", 1)
+            return float(w), float(a)
+        return float(t), float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--target-avg-bits expects a number (weights and activations), WxAy"
+                                         f" or w,a (e.g. 4, W3A4, 3.5,4), got {text!r}") from None
+
+
 def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
@@ -106,8 +122,18 @@ def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
                    help="fx DAQ: bits for activations that are not a quantized layer's input (residual-add"
                         " operands, float layers' inputs), e.g. 8; 0: the --bits activation width")
     g.add_argument("--quantizer", default="daq", choices=quant_mod.QUANTIZERS,
-                   help="quantizer family inside --framework fx/brevitas: daq, or n2uq (learned non-uniform"
-                        " thresholds; QAT accuracy only, no int conversion)")
+                   help="quantizer family inside --framework fx/brevitas: daq, n2uq (learned non-uniform"
+                        " thresholds; QAT accuracy only, no int conversion) or cpq (CPQ with DropBits,"
+                        " reconstructed from the abstract; --learn-bits for per-layer bit-widths)")
+    g.add_argument("--learn-bits", action="store_true",
+                   help="cpq: learn every quantizer's bit-width (DropBits keep gates); --bits gives the largest ones")
+    g.add_argument("--bit-regularization", type=float, default=0.0,
+                   help="cpq --learn-bits: weight λ of the bit-gate regularizer (>= 0; the initial λ when a target"
+                        " is given)")
+    g.add_argument("--target-avg-bits", type=parse_target_bits, default=None,
+                   help="cpq --learn-bits: target average bit-widths (size-weighted), reached by adjusting λ: 4"
+                        " (weights and activations), W3A4 or 3,4")
+    g.add_argument("--gate-lr", type=float, default=1e-2, help="cpq --learn-bits: Adam lr of the bit gates")
     g.add_argument("--rounding", default="dasr", choices=quant_mod.ROUNDINGS,
                    help="fx DAQ only: dasr (DAQ); the paper's ablations ste (DAQ with a straight-through gradient)"
                         " and soft (fixed-temperature soft argmax in training, rounding at test time; needs --beta)")
@@ -384,6 +410,7 @@ class Pipeline:
                 "act_bits": a.bits[1], "num_classes": self.data.num_classes, "img_size": a.img_size,
                 "float_layers": list(self.float_layers), "quantizer": a.quantizer, "rounding": a.rounding,
                 "beta": a.beta, "intermediate_act_bits": a.intermediate_act_bits,
+                "learn_bits": bool(getattr(a, "learn_bits", False)),
                 "version": CHECKPOINT_VERSION}
 
     def log(self, msg: str):
@@ -472,6 +499,7 @@ class Pipeline:
             "optimizers": [o.state_dict() for o in optimizers],
             "schedulers": [s.state_dict() for s in schedulers],
             "rng": rng_state(), "results": self.results, "world_size": self.dist.world,
+            "bit_budget": self.budget.state_dict() if getattr(self, "budget", None) is not None else None,
         }
         atomic_save(ckpt, self.out / CHECKPOINT_NAME)
         self._checkpoints_written = getattr(self, "_checkpoints_written", 0) + 1
@@ -496,8 +524,9 @@ class Pipeline:
                               f" --initial-checkpoint)")
         theirs, ours = ckpt["daq_recipe"], self.meta()
         for key in ("model", "framework", "weight_bits", "act_bits", "num_classes", "img_size", "float_layers",
-                    "quantizer", "rounding", "beta", "intermediate_act_bits"):
-            if theirs.get(key, ours[key] if key in ("quantizer", "rounding", "beta", "intermediate_act_bits")
+                    "quantizer", "rounding", "beta", "intermediate_act_bits", "learn_bits"):
+            if theirs.get(key, ours[key] if key in ("quantizer", "rounding", "beta", "intermediate_act_bits",
+                                                    "learn_bits")
                           else None) != ours.get(key):
                 raise RecipeError(f"--resume: checkpoint {path} is for {key}={theirs.get(key)!r} but this run has"
                                   f" {key}={ours.get(key)!r} (checkpoint: {theirs['model']} W{theirs['weight_bits']}"
@@ -512,10 +541,15 @@ class Pipeline:
         self.train_set = self.qat_train_set if stage == "qat" else self.float_train_set
         qids = {id(p) for p in qparams}
         weights = [p for p in model.parameters() if p.requires_grad and id(p) not in qids]
-        qp = [p for p in qparams if p.requires_grad]
+        budget = getattr(self, "budget", None) if stage == "qat" else None
+        gate_ids = {id(p) for p in quant_mod.gate_parameters(model)} if budget is not None else set()
+        qp = [p for p in qparams if p.requires_grad and id(p) not in gate_ids]
+        gates = [p for p in qparams if id(p) in gate_ids]
         optimizers = [torch.optim.SGD(weights, lr=lr, momentum=a.momentum, weight_decay=wd)]
         if qp:
             optimizers.append(torch.optim.Adam(qp, lr=a.quant_lr, weight_decay=0.0))
+        if gates:   # CPQ bit gates: their own, faster Adam group (CPQ-SPEC §6)
+            optimizers.append(torch.optim.Adam(gates, lr=a.gate_lr, weight_decay=0.0))
         spe = self.steps_per_epoch()
         total = max(epochs * spe, 1)
         warm = min(a.warmup_steps if stage == "float" else 0, total - 1)
@@ -524,7 +558,9 @@ class Pipeline:
             w = min(1.0, (i + 1) / warm) if warm > 0 else 1.0
             return w * 0.5 * (1.0 + math.cos(math.pi * min(i, total) / total))
 
-        schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda) for o in optimizers]
+        # the bit gates keep a constant lr: they track the target average until the end (CPQ-SPEC §6)
+        schedulers = [torch.optim.lr_scheduler.LambdaLR(o, (lambda i: 1.0) if gates and k == len(optimizers) - 1
+                                                        else lr_lambda) for k, o in enumerate(optimizers)]
         start_epoch, step = 0, 0
         if ckpt is not None and ckpt["stage"] == stage:
             for o, s in zip(optimizers, ckpt["optimizers"]):
@@ -533,6 +569,8 @@ class Pipeline:
                 sch.load_state_dict(s)
             start_epoch, step = ckpt["epoch"], ckpt["global_step"]
             set_rng_state(ckpt["rng"])
+            if budget is not None and ckpt.get("bit_budget"):
+                budget.load_state_dict(ckpt["bit_budget"])
         if self.dist.enabled:
             ddp_kw = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
             train_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=stage == "qat", **ddp_kw)
@@ -561,6 +599,9 @@ class Pipeline:
                     with torch.no_grad():
                         t_out = teacher(x)
                     loss = (1 - a.distill_alpha) * loss + a.distill_alpha * kd_loss(out, t_out, a.distill_temp)
+                task_loss = loss
+                if budget is not None:
+                    loss = loss + budget.penalty(model).to(loss.device)
                 if not torch.isfinite(loss):
                     raise RecipeError(f"{stage} epoch {epoch + 1} step {i}: loss is {loss.item()}; lower --lr /"
                                       f" --quant-lr or check the data")
@@ -571,11 +612,13 @@ class Pipeline:
                     o.step()
                 for s in schedulers:
                     s.step()
+                if budget is not None:
+                    budget.update(model)
                 step += 1
                 if os.environ.get("DAQ_RECIPE_SIGINT_AT") == f"{stage}:{step}":  # test hook: Ctrl-C mid-epoch
                     os.kill(os.getpid(), signal.SIGINT)
                 bs = y.numel()
-                loss_sum += loss.item() * bs
+                loss_sum += task_loss.item() * bs
                 correct += (out.argmax(1) == y).sum().item()
                 seen += bs
                 el = time.time() - t_ep
@@ -594,6 +637,11 @@ class Pipeline:
                    "train_acc": 100 * correct / max(seen, 1), "lr": optimizers[0].param_groups[0]["lr"],
                    "quant_lr": optimizers[1].param_groups[0]["lr"] if len(optimizers) > 1 else None,
                    "img_per_s": seen / max(ep_time, 1e-9), "epoch_time_s": ep_time}
+            if budget is not None:
+                from daq_core import cpq
+                rec.update(avg_weight_bits=cpq.average_bits(model, "weight"),
+                           avg_act_bits=cpq.average_bits(model, "activation"),
+                           bit_lambda=dict(budget.strength))
             if self.dist.main:
                 ev = evaluate(model, self.loader(self.val_set, False), self.device, f"val ({stage})",
                               not a.no_progress)
@@ -660,8 +708,13 @@ class Pipeline:
                 # measured with frozen BN (the demo, the ResNet-20 benchmark); with BN training on batch
                 # statistics a tiny from-scratch ResNet-20 stayed at chance in eval after calibration
                 a.calibrate_scales = bool(a.freeze_bn)
+            target = a.target_avg_bits or (None, None)
             self.spec = quant_mod.QuantSpec(a.framework, w, ab, self.float_layers, rounding=a.rounding, beta=a.beta,
-                                            quantizer=a.quantizer, intermediate_act_bits=a.intermediate_act_bits)
+                                            quantizer=a.quantizer, intermediate_act_bits=a.intermediate_act_bits,
+                                            learn_bits=a.learn_bits, bit_regularization=a.bit_regularization,
+                                            target_weight_bits=target[0],
+                                            target_act_bits=None if ab >= 32 else target[1])
+            self.budget = quant_mod.bit_budget(self.spec)
         except quant_mod.QuantError as e:
             raise RecipeError(str(e)) from e
         ckpt = self.load_resume()
@@ -758,10 +811,25 @@ class Pipeline:
         self.results["qat_acc_same_images"] = 100.0 * qat_correct / max(n, 1)
         self.results["int_backend"] = "QONNX (qonnx executor)"
 
+    # ---- CPQ learned bit-widths ---------------------------------------------------------------
+    def _learned_bits(self, qat: nn.Module):
+        """Meet the target averages (:meth:`daq_core.cpq.BitBudget.project`), record every layer's bit-widths."""
+        from daq_core import cpq
+
+        model = unwrap(qat)
+        if self.budget is not None:
+            before = {role: cpq.average_bits(model, role) for role in ("weight", "activation")}
+            self.results["bit_projection"] = {"flipped": self.budget.project(model), "avg_bits_before": before,
+                                              "lambda": dict(self.budget.strength)}
+        self.results["layer_bits"] = quant_mod.layer_bits(model, self.spec)
+        self.results["avg_bits"] = {role: cpq.average_bits(model, role) for role in ("weight", "activation")}
+
     # ---- stage 3: convert, evaluate, report ----------------------------------------------
     def finish(self, qat: nn.Module):
         a = self.args
         t = time.time()
+        if self.spec.quantizer == "cpq":
+            self._learned_bits(qat)
         val_loader = self.loader(self.val_set, False)
         ev_q = evaluate(qat, val_loader, self.device, "val (QAT)", not a.no_progress, return_preds=True)
         self.results["qat_acc"] = ev_q["acc"]
@@ -832,6 +900,10 @@ def write_report(p: Pipeline) -> Dict:
         "size": r.get("size"), "int_latency_ms": r.get("int_latency_ms"),
         "float_latency_ms": r.get("float_latency_ms"), "latency_setup": r.get("latency_setup"),
         "artifacts": r.get("artifacts", {}), "wall_s": r.get("wall_s", {}),
+        "learn_bits": bool(getattr(a, "learn_bits", False)), "bit_regularization": getattr(a, "bit_regularization", 0.0),
+        "target_avg_bits": ({"weight": a.target_avg_bits[0], "activation": a.target_avg_bits[1]}
+                            if getattr(a, "target_avg_bits", None) else None),
+        "layer_bits": r.get("layer_bits"), "avg_bits": r.get("avg_bits"), "bit_projection": r.get("bit_projection"),
         "total_wall_s": time.time() - p.t0,
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
@@ -873,12 +945,57 @@ def write_report(p: Pipeline) -> Dict:
         "", f"Artifacts: " + (", ".join(f"{k}: {v}" for k, v in report["artifacts"].items()) or "none"),
         "", "Command: `" + report["command"] + "`", "",
     ]
+    if r.get("layer_bits"):
+        lines += _layer_bits_lines(report)
+        plot_layer_bits(r["layer_bits"], p.out / "layer_bits.png", f"{a.model} {a.framework} CPQ (reconstructed"
+                        f" from the abstract), largest W{w}A{ab}")
     atomic_write_text(p.out / "report.md", "\n".join(lines))
     plot_curves(p.metrics.read(), p.out / "curves.png", f"{a.model} {a.framework} W{w}A{ab}")
     p.log("\n".join(lines))
     p.log(f"report: {p.out / 'report.md'}  ({p.out / 'report.json'}, {p.out / 'curves.png'},"
           f" {p.out / 'metrics.jsonl'})")
     return report
+
+
+def _layer_bits_lines(report: Dict) -> List[str]:
+    avg = report.get("avg_bits") or {}
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = ["## Learned bit-widths (CPQ, reconstructed from the abstract)", "",
+             f"Average (size-weighted): weights {fmt(avg.get('weight'))}, activations {fmt(avg.get('activation'))}"
+             + (f"; targets {report['target_avg_bits']}" if report.get("target_avg_bits") else ""), ""]
+    proj = report.get("bit_projection")
+    if proj:
+        lines += [f"Before the final projection onto the targets: {proj['avg_bits_before']}; bits flipped"
+                  f" by it: {proj['flipped']}", ""]
+    lines += ["| layer | weight bits | activation bits (its input) |", "|---|---|---|"]
+    lines += [f"| {name} | {v['weight']} | {v['activation'] if v['activation'] is not None else 'float'} |"
+              for name, v in report["layer_bits"].items()]
+    return lines + [""]
+
+
+def plot_layer_bits(layer_bits: Dict[str, Dict], path: Path, title: str):
+    """Bar chart of every layer's learned weight and input-activation bit-width (``layer_bits.png``)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(layer_bits)
+    xs = list(range(len(names)))
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4))
+    ax.bar([x - 0.2 for x in xs], [layer_bits[n]["weight"] for n in names], width=0.4, label="weight")
+    ax.bar([x + 0.2 for x in xs], [layer_bits[n]["activation"] or 0 for n in names], width=0.4, label="activation")
+    ax.set_xticks(xs)
+    ax.set_xticklabels(names, rotation=70, fontsize=7)
+    ax.set_ylabel("bits")
+    ax.set_ylim(0, 8.5)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def plot_curves(records: List[Dict], path: Path, title: str):

@@ -218,7 +218,7 @@ def test_fx_weight_per_channel_matches_cpu():
     w, fq_cpu, fq_gpu = _fx_weight_pair()
     n = fq_cpu.num_levels
     with torch.no_grad():
-        w_hat = fq_cpu._normalized(w).double()
+        w_hat = daq_core.normalize_weight(w, fq_cpu.ch_axis, center=False).double()
         lo, hi = fq_cpu.lower_bound.double().reshape(-1, 1, 1, 1), fq_cpu.upper_bound.double().reshape(-1, 1, 1, 1)
         t = (w_hat - lo) / ((hi - lo) / n)
         mask = _away_from_ties(t, n)
