@@ -18,6 +18,9 @@ at its float statistics — and only the quantizer differs:
 ``daq-soft-b24``    ablation: the same with β = 24
 ``daq-ste``         ablation: DAQ with a straight-through gradient instead of DASR's
 ``n2uq-fx``         N2UQ (learned non-uniform thresholds, G-STE) through ``daq_fx``
+``cpq-fx``          CPQ (reconstructed from the abstract) at fixed W/A bits through ``daq_fx``
+``cpq-fx-learned``  CPQ with learned per-layer bit-widths (largest W8A8) whose size-weighted
+                    average is held at the row's W/A bits (``--target-avg-bits``)
 ==================  ====================================================================
 
 The float model is the shared pretrained checkpoint fine-tuned for ``--float-epochs`` on the
@@ -66,6 +69,10 @@ METHODS: Dict[str, List[str]] = {
     "daq-soft-b24": ["--framework", "fx", "--rounding", "soft", "--beta", "24", "--intermediate-act-bits", "0"],
     "daq-ste": ["--framework", "fx", "--rounding", "ste", "--intermediate-act-bits", "0"],
     "n2uq-fx": ["--framework", "fx", "--quantizer", "n2uq"],
+    "cpq-fx": ["--framework", "fx", "--quantizer", "cpq"],
+    # {bits}: the row's bit-widths become the target averages; W8A8 the largest bit-widths
+    "cpq-fx-learned": ["--framework", "fx", "--quantizer", "cpq", "--learn-bits", "--bits", "W8A8",
+                       "--target-avg-bits", "{bits}", "--gate-lr", "0.05"],
 }
 DESCRIPTIONS = {
     "daq-fx": "DAQ (daq_fx, torch.ao FX → x86 int8)",
@@ -78,6 +85,8 @@ DESCRIPTIONS = {
     "daq-soft-b24": "ablation: fixed β = 24 soft argmax, rounding at test",
     "daq-ste": "ablation: DAQ with an STE gradient",
     "n2uq-fx": "N2UQ (daq_fx; QAT only, no int conversion)",
+    "cpq-fx": "CPQ (reconstructed from the abstract; daq_fx → x86 int8)",
+    "cpq-fx-learned": "CPQ, learned per-layer bit-widths at that average (reconstructed; daq_fx → x86 int8)",
 }
 #: the baselines' signed weight range has no 1-bit grid ({-1, 0}); A32 = float activations (fx only)
 ONLY_2BIT_UP = ("torchao-ste", "lsq", "brevitas-ste")
@@ -195,7 +204,8 @@ def run_row(args, method: str, bits: str, float_model: Path, out: Path) -> Dict:
     run_dir = out / "runs" / f"{method}-{bits}"
     argv = ["--data", args.data, "--eval-split", args.eval_split, "--bits", bits, "--epochs", str(args.epochs),
             "--float-epochs", "0",
-            "--initial-checkpoint", str(float_model), "--output", str(run_dir)] + common_args(args) + METHODS[method]
+            "--initial-checkpoint", str(float_model), "--output", str(run_dir)] + common_args(args) + \
+        [flag.replace("{bits}", bits) for flag in METHODS[method]]
     t = time.time()
     rc = run_recipe(argv, out / f"{method}-{bits}.log")
     if rc == 130:   # Ctrl-C / SIGTERM inside the row: stop here, record nothing (rerun resumes this row)
@@ -207,7 +217,8 @@ def run_row(args, method: str, bits: str, float_model: Path, out: Path) -> Dict:
     if rc == 0 and report.is_file():
         rep = json.loads(report.read_text())
         for key in ("float_acc", "after_prepare_acc", "qat_acc", "int_acc", "agreement", "qat_minus_float",
-                    "train_images", "val_images", "batch_size", "lr", "quant_lr", "data", "eval_split", "tune_acc"):
+                    "train_images", "val_images", "batch_size", "lr", "quant_lr", "data", "eval_split", "tune_acc",
+                    "layer_bits", "avg_bits", "bit_projection", "clustering"):
             row[key] = rep.get(key)
         row["qat_steps"] = _qat_steps(run_dir)
     else:

@@ -16,6 +16,10 @@ bounds and output scale) on a 256x256x3x3 weight, divided by the time of
 
 Target (issue: foundation): compiled ratio <= 1.5, saved memory <= 1 input.
 
+CPQ (issue 17, reconstructed from the abstract): ``cpq_op_cost`` times the CPQ activation op as it
+trains (learned step and noise scale, DropBits at p = 0.1, the windowed multi-class STE) on the
+same tensor against ``torch.fake_quantize_per_tensor_affine``; target ratio <= 1.5 (compiled).
+
 ``activation_op_cost`` and ``weight_op_cost`` are reused by ``benchmarks/cost.py``.
 """
 
@@ -187,6 +191,38 @@ def weight_op_cost(shape=WEIGHT_SHAPE, bits: int = 4, repeats: int = 20, kernels
             **_compare(_synchronized(builtin, device), _synchronized(daq, device), repeats, kernels)}
 
 
+def cpq_op_cost(shape=ACTIVATION_SHAPE, bits: int = 4, repeats: int = 20, kernels: str = "both",
+                drop_rate: float = 0.1, device="cpu") -> dict:
+    """CPQ activation fake-quant (reconstructed from the abstract) vs ``torch.fake_quantize_per_tensor_affine``.
+
+    The training op: learned step ``α`` and ``log σ/α``, unsigned ``bits``-bit grid, DropBits at the fixed
+    rate ``drop_rate`` (one uniform per element; 0: no DropBits), the windowed multi-class STE backward.
+    """
+    import math
+
+    from daq_core import cpq
+
+    torch.manual_seed(0)
+    device = torch.device(device)
+    x = torch.randn(shape, device=device, requires_grad=True)
+    grad = torch.randn(shape, device=device)
+    n = 2**bits - 1
+    step = torch.tensor(3.0 / n, device=device, requires_grad=True)
+    log_sigma = torch.tensor(math.log(cpq.DEFAULT_RELATIVE_SIGMA), device=device, requires_grad=True)
+    keep = cpq.nested_keep(torch.full((bits - 1,), 1.0 - drop_rate, device=device)) if drop_rate > 0 else None
+
+    def builtin():
+        x.grad = None
+        torch.fake_quantize_per_tensor_affine(x, 3.0 / n, 0, 0, n).backward(grad)
+
+    def op():
+        x.grad = step.grad = log_sigma.grad = None
+        cpq.cpq_fake_quantize(x, step, step * log_sigma.exp(), bits, signed=False, keep=keep).backward(grad)
+
+    return {"shape": list(shape), "bits": bits, "drop_rate": drop_rate, "device": str(device),
+            **_compare(_synchronized(builtin, device), _synchronized(op, device), repeats, kernels)}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small tensors and few repeats (seconds)")
@@ -212,8 +248,10 @@ def main(argv=None) -> dict:
                              device=args.device)
     weight = weight_op_cost(WEIGHT_SHAPE_QUICK if args.quick else WEIGHT_SHAPE, args.bits, repeats,
                             device=args.device)
+    cpq_row = cpq_op_cost(ACTIVATION_SHAPE_QUICK if args.quick else ACTIVATION_SHAPE, args.bits, repeats,
+                          device=args.device)
     compiled = act.get("compiled_available", False)
-    results = {**act, "threads": args.threads, "weight_per_channel": weight}
+    results = {**act, "threads": args.threads, "weight_per_channel": weight, "cpq": cpq_row}
 
     where = (f"{args.device} ({torch.cuda.get_device_name(torch.device(args.device))})"
              if torch.device(args.device).type == "cuda" else f"cpu, {args.threads} threads")
@@ -233,6 +271,14 @@ def main(argv=None) -> dict:
               f"  ratio {weight['ratio_compiled']:.2f}  (target <= 1.5)")
     print(f"  DAQ (eager kernels)                   : {1e3 * weight['daq_eager_s']:8.2f} ms"
           f"  ratio {weight['ratio_eager']:.2f}")
+    print(f"CPQ fake-quant op (reconstructed from the abstract; DropBits p={cpq_row['drop_rate']}, windowed"
+          f" multi-class STE), fwd+bwd on {tuple(cpq_row['shape'])}")
+    print(f"  torch.fake_quantize_per_tensor_affine : {1e3 * cpq_row['builtin_base_s']:8.2f} ms")
+    if "daq_compiled_s" in cpq_row:
+        print(f"  CPQ (compiled kernels)                : {1e3 * cpq_row['daq_compiled_s']:8.2f} ms"
+              f"  ratio {cpq_row['ratio_compiled']:.2f}  (target <= 1.5)")
+    print(f"  CPQ (eager kernels)                   : {1e3 * cpq_row['daq_eager_s']:8.2f} ms"
+          f"  ratio {cpq_row['ratio_eager']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

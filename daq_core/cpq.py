@@ -112,6 +112,29 @@ def _sampled_forward_kernel(x, step, keep, k_min: float, k_max: float, droppable
     return _forward_kernel(x, step, d, k_min, k_max), d.to(torch.uint8)
 
 
+def _hashed_uniform(x: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) numbers (24 bits) from an integer hash of the element index and ``seed``.
+
+    The compiled path's random source: inductor fuses these integer ops into the quantizer's kernel,
+    while its CPU ``rand_like`` runs ~6x slower than eager torch.rand_like (measured, 8x32x56x56).
+    """
+    h = (torch.arange(x.numel(), device=x.device, dtype=torch.int64).reshape(x.shape) * 2654435761 + seed)
+    h = h & 0xFFFFFFFF
+    for _ in range(2):
+        h = ((h ^ (h >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    return (h & 0xFFFFFF).to(x.dtype) * (1.0 / 16777216.0)
+
+
+def _hashed_forward_kernel(x, step, keep, seed, k_min: float, k_max: float, droppable: int):
+    """:func:`_sampled_forward_kernel` with the hashed uniforms (compiled path)."""
+    u = _hashed_uniform(x, seed)
+    d = torch.zeros_like(x)
+    for j in range(droppable):
+        d = d + (u >= keep[j]).to(x.dtype)
+    return _forward_kernel(x, step, d, k_min, k_max), d.to(torch.uint8)
+
+
 def _backward_kernel(x, step, sigma, d, grad_y, k_min: float, k_max: float, window: int):
     """Gradients of ``Σ_{k∈W} g_k π^W_k(x)``: the window's bins, its two edge bins open (renormalised).
 
@@ -127,17 +150,23 @@ def _backward_kernel(x, step, sigma, d, grad_y, k_min: float, k_max: float, wind
     dg_x = torch.zeros_like(x)
     dg_s = torch.zeros_like(x)
     dg_sigma = torch.zeros_like(x)
-    for i in range(-window, window):
-        q = k + i                                   # the boundary q + ½ between points q and q + 1
-        inside = ((q >= a) & (q < c)).to(x.dtype)
-        t = q + 0.5
-        dist = t * s - x
-        sig = torch.sigmoid(dist / sigma)
-        slope = inside * sig * (1.0 - sig) / sigma
-        g = g - inside * sig
-        dg_x = dg_x + slope
-        dg_s = dg_s - slope * t
-        dg_sigma = dg_sigma + slope * dist / sigma
+    # the boundaries lie ρ = s/σ apart: the logistic of each one from a single exp per side,
+    # e^{-z} above the element (≤ 1 inside the range) and e^{z} below it, times r = e^{-ρ} per boundary
+    r = torch.exp(-(s / sigma))
+    sides = ((range(0, window), torch.exp(-torch.clamp(((k + 0.5) * s - x) / sigma, min=-80.0)), True),
+             (range(-1, -window - 1, -1), torch.exp(torch.clamp(((k - 0.5) * s - x) / sigma, max=80.0)), False))
+    for offsets, e, above in sides:
+        for i in offsets:
+            q = k + i                               # the boundary q + ½ between points q and q + 1
+            inside = ((q >= a) & (q < c)).to(x.dtype)
+            t = q + 0.5
+            sig = 1.0 / (1.0 + e) if above else e / (1.0 + e)      # S((t s - x)/σ)
+            slope = inside * sig * (1.0 - sig) / sigma
+            g = g - inside * sig
+            dg_x = dg_x + slope
+            dg_s = dg_s - slope * t
+            dg_sigma = dg_sigma + slope * (t * s - x) / sigma
+            e = e * r
     grad_x = grad_y * s * dg_x
     grad_step = (grad_y * (g + s * dg_s) * p).sum_to_size(step.shape)
     grad_sigma = (grad_y * s * dg_sigma).sum_to_size(sigma.shape)
@@ -194,8 +223,12 @@ class _CPQFakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, step, sigma, keep, drop_bits, k_min: int, k_max: int, window: int):
         if keep is not None:
-            y, d = _call("sampled_forward", _sampled_forward_kernel, x, step, keep, float(k_min), float(k_max),
-                         keep.numel())
+            if _kernel("hashed_forward", _hashed_forward_kernel, x) is not _hashed_forward_kernel:
+                seed = torch.randint(0, 1 << 31, (), dtype=torch.int64).to(x.device)   # from torch's generator
+                y, d = _call("hashed_forward", _hashed_forward_kernel, x, step, keep, seed, float(k_min),
+                             float(k_max), keep.numel())
+            else:
+                y, d = _sampled_forward_kernel(x, step, keep, float(k_min), float(k_max), keep.numel())
         else:
             d = drop_bits
             y = _call("forward", _forward_kernel, x, step, d.to(x.dtype), float(k_min), float(k_max))

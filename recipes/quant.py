@@ -440,6 +440,39 @@ def layer_bits(model: nn.Module, spec: QuantSpec) -> Dict[str, Dict[str, Optiona
     return lib.layer_bit_widths(model)
 
 
+@torch.no_grad()
+def grid_distance(model: nn.Module, spec: QuantSpec) -> Optional[float]:
+    """CPQ-SPEC §7's clustering measure: the mean distance of the full-precision weights to their nearest
+    grid point, in units of the grid step (0: on the grid; 0.25: uniform between points).
+
+    Over every weight of every layer with a torch.ao weight fake-quant whose grid is ``scale · k``
+    (CPQ, the stock STE ``FakeQuantize``, LSQ), the weight as the fake-quant sees it (BN folded),
+    elements inside the clipping range only. ``None`` for other quantizers (DAQ/N2UQ's grids
+    standardise or use odd integers) and for Brevitas.
+    """
+    if spec.framework not in FX_FRAMEWORKS or spec.quantizer in ("daq", "n2uq") and spec.framework == "fx":
+        return None
+    from torch.ao.quantization import FakeQuantizeBase
+
+    try:
+        from daq_fx.prepare import folded_weight
+    except ImportError:  # pragma: no cover
+        return None
+    total = count = 0.0
+    for module in getattr(model, "module", model).modules():
+        fq = getattr(module, "weight_fake_quant", None)
+        if not isinstance(fq, FakeQuantizeBase) or not isinstance(getattr(module, "weight", None), torch.Tensor):
+            continue
+        scale, zero_point = fq.calculate_qparams()
+        w = folded_weight(module).float()
+        shape = [-1] + [1] * (w.dim() - 1) if scale.numel() > 1 else [1] * w.dim()
+        t = w / scale.float().reshape(shape) + zero_point.float().reshape(shape)
+        inside = (t >= fq.quant_min) & (t <= fq.quant_max)
+        total += float((t - torch.round(t)).abs()[inside].sum())
+        count += float(inside.sum())
+    return total / count if count else None
+
+
 def float_size_bits(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters()) * 32
 

@@ -766,6 +766,7 @@ class Pipeline:
             ev = evaluate(qat, self.loader(self.val_set, False), self.device, "val (after prepare)",
                           not a.no_progress)
             self.results["after_prepare_acc"] = ev["acc"]
+            self.results["grid_distance_after_prepare"] = quant_mod.grid_distance(qat, self.spec)
             self.log(f"{a.framework} W{w}A{ab} right after prepare: val acc {ev['acc']:.2f}%")
         qparams = quant_mod.quantizer_parameters(qat, self.spec)
         teacher = None
@@ -863,6 +864,7 @@ class Pipeline:
                 artifacts["int_state_dict"] = str(path)
             except Exception:  # noqa: BLE001
                 pass
+        self.results["grid_distance"] = quant_mod.grid_distance(qat, self.spec)
         self.results["size"] = quant_mod.model_size_bits(qat, self.spec)
         self.results["size"]["float_model_bits"] = quant_mod.float_size_bits(self.float_model)
         self.wall["convert_eval"] = time.time() - t
@@ -904,6 +906,8 @@ def write_report(p: Pipeline) -> Dict:
         "target_avg_bits": ({"weight": a.target_avg_bits[0], "activation": a.target_avg_bits[1]}
                             if getattr(a, "target_avg_bits", None) else None),
         "layer_bits": r.get("layer_bits"), "avg_bits": r.get("avg_bits"), "bit_projection": r.get("bit_projection"),
+        # CPQ-SPEC §7: mean distance of the full-precision weights to the nearest grid point (steps)
+        "clustering": {"after_prepare": r.get("grid_distance_after_prepare"), "after_qat": r.get("grid_distance")},
         "total_wall_s": time.time() - p.t0,
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }

@@ -233,3 +233,34 @@ def test_bit_budget_projection_meets_the_target_from_above():
     assert cpq.average_bits(model, "weight") == 1.0
     budget.project(model)
     assert 3.4 - 0.25 <= cpq.average_bits(model, "weight") <= 3.4
+
+
+@pytest.mark.slow
+def test_compiled_path_matches_the_eager_one():
+    """torch.compile'd kernels (hashed uniforms for DropBits): same forward, same STE, drops on the nested grids."""
+    x = torch.randn(2, 8, 64, 64, requires_grad=True)      # above COMPILE_MIN_NUMEL
+    step = torch.tensor(0.2, requires_grad=True)
+    sigma = torch.tensor(0.1, requires_grad=True)
+    grad = torch.randn_like(x)
+    was = daq_core.compiled_kernels_enabled()
+
+    def run(compiled, keep=None):
+        daq_core.use_compiled_kernels(compiled)
+        x.grad = step.grad = sigma.grad = None
+        y = cpq.cpq_fake_quantize(x, step, sigma, 4, signed=False, keep=keep)
+        y.backward(grad)
+        return y.detach(), x.grad.clone(), step.grad.clone(), sigma.grad.clone()
+
+    try:
+        eager, compiled = run(False), run(True)
+        assert torch.equal(eager[0], compiled[0])
+        for e, c in zip(eager[1:], compiled[1:]):
+            torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-4)
+        keep = cpq.nested_keep(torch.tensor([0.7, 0.8, 0.9]))
+        y = run(True, keep)[0]
+        options = torch.stack([cpq.cpq_quantize(x.detach(), step.detach(), 4, False, drop_bits=d) for d in range(4)])
+        assert bool((y.unsqueeze(0) == options).any(0).all())
+        dropped = (y.unsqueeze(0) != options[0]).float().mean()
+        assert 0.05 < float(dropped) < 0.5
+    finally:
+        daq_core.use_compiled_kernels(was)

@@ -63,6 +63,8 @@ def test_fixed_bit_cpq_fx_runs_and_converts(tiny_data, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["int_acc"] is not None and report["layer_bits"] and report["learn_bits"] is False
     assert all(v == {"weight": 4, "activation": 4} for v in report["layer_bits"].values())
+    # CPQ-SPEC §7's clustering measure, in grid steps: 0 on the grid, 0.25 for uniform weights
+    assert all(0.0 <= report["clustering"][k] <= 0.5 for k in ("after_prepare", "after_qat"))
 
 
 @pytest.mark.parametrize("extra,message", [
