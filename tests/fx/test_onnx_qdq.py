@@ -220,6 +220,10 @@ def resnet20_converted(resnet20_and_data):
 @pytest.mark.slow
 @pytest.mark.parametrize("bits", [4, 2])
 def test_trained_resnet20_onnx_integer(resnet20_converted, bits, tmp_path):
+    """Measured (400 JPEG training images, the test's first batch; AMD EPYC, AVX2): W4A4 top-1 0.9950,
+    cosine 0.999662 (the x86 int model: 0.9975 / 0.999705); W2A2 1.0000 / 1.000000. The ONNX and the x86
+    int model differ only through the float first conv (ORT's and oneDNN's float sums differ in the last
+    bit, and a near-tie at the first quantizer flips): 2 of 400 samples at W4A4."""
     t0 = time.perf_counter()
     expected, int8, x = resnet20_converted(bits)
     path = tmp_path / f"resnet20_w{bits}a{bits}.onnx"
