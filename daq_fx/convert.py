@@ -47,12 +47,17 @@ def bake_weight(fake_quant: FamilyFakeQuantize, weight: torch.Tensor,
     if not isinstance(fake_quant, FamilyFakeQuantize) or not fake_quant.is_weight:
         raise TypeError(f"fake_quant must be a weight DAQFakeQuantize, N2UQFakeQuantize or CPQFakeQuantize"
                         f" (a daq_fx.FamilyFakeQuantize), got {fake_quant!r}")
-    if fold_factor is None:
-        return fake_quant(weight).detach()
-    if bool((fold_factor == 0).any()):
+    if fold_factor is not None and bool((fold_factor == 0).any()):
         raise ValueError("fold_factor (BatchNorm gamma / sqrt(var + eps)) is zero in some channel: the baked"
                          " weight would be inf. Re-initialise the BatchNorm gamma (timm: zero_init_last=False).")
-    return (fake_quant(weight * fold_factor) / fold_factor).detach()
+    training = fake_quant.training
+    fake_quant.eval()    # the eval forward (CPQ: no DropBits) whatever mode a frozen-BN ConvBn left it in
+    try:
+        if fold_factor is None:
+            return fake_quant(weight).detach()
+        return (fake_quant(weight * fold_factor) / fold_factor).detach()
+    finally:
+        fake_quant.train(training)
 
 
 @torch.no_grad()

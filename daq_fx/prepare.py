@@ -40,6 +40,7 @@ from .qconfig import get_daq_backend_config
 __all__ = ["prepare_qat_fx", "prepare_timm_model", "check_batchnorm", "initialize_weight_quantizers",
            "initialize_activations_off_lattice", "OFF_LATTICE_FACTOR", "static_same_padding", "static_shape_modules",
            "dropout_follows_training", "stochastic_depth_modules", "name_quantizers", "refuse_nonfinite_first_batch",
+           "weight_quantizers_follow_their_layer",
            "weight_fold_factor", "DAQPrepareError"]
 
 
@@ -522,6 +523,33 @@ def initialize_weight_quantizers(model: nn.Module) -> int:
     return count
 
 
+def _follow_layer_mode(module: nn.Module, args) -> None:
+    """Forward pre-hook: the layer's weight fake-quant takes the layer's train/eval mode."""
+    fq = module.weight_fake_quant
+    if fq.training != module.training:
+        fq.train(module.training)
+
+
+def weight_quantizers_follow_their_layer(model: nn.Module) -> int:
+    """Keep each weight fake-quant in its layer's train/eval mode (families whose forward depends on it).
+
+    torch.ao's fused ConvBn QAT modules with frozen BN (``freeze_bn``, e.g. after
+    ``torch.ao.nn.intrinsic.qat.freeze_bn_stats`` or the recipes' ``--freeze-bn``) do not pass
+    ``train()`` / ``eval()`` on to their children: their weight fake-quant would stay in training
+    mode after ``model.eval()``. DAQ's forward does not depend on it; CPQ's does (DropBits drops bits
+    in training only), so its eval forward and the converted model would drop bits at random.
+    Installs a forward pre-hook on every layer with a :class:`FamilyFakeQuantize` weight quantizer of
+    such a family. Returns how many layers got it.
+    """
+    count = 0
+    for module in model.modules():
+        fq = getattr(module, "weight_fake_quant", None)
+        if isinstance(fq, FamilyFakeQuantize) and fq.family.learns_bits:
+            module.register_forward_pre_hook(_follow_layer_mode)
+            count += 1
+    return count
+
+
 # --------------------------------------------------------------------------------------
 # ReLU6 caps and exact rounding of averages
 # --------------------------------------------------------------------------------------
@@ -978,6 +1006,7 @@ def prepare_qat_fx(model: nn.Module, qconfig_mapping: QConfigMapping | Dict[str,
         widen_intermediate_activations(prepared, intermediate_bits) if intermediate_bits else [])
     name_quantizers(prepared)
     initialize_weight_quantizers(prepared)
+    weight_quantizers_follow_their_layer(prepared)
     _apply_relu6_caps(prepared, anchors)
     _wrap_averages(prepared)
     initialize_activations_off_lattice(prepared)

@@ -149,3 +149,19 @@ def test_bad_options_are_refused():
         daq_fx.get_cpq_qat_qconfig_mapping("tensorrt", 4, 4)
     with pytest.raises(daq_fx.CPQBackendError, match="learned bit-widths cannot be held"):
         daq_fx.cpq.check_learned_bits_backend("torchao's pt2e flow")
+
+
+def test_frozen_batchnorm_layers_evaluate_and_convert_without_dropbits():
+    """torch.ao's frozen-BN ConvBn modules do not pass eval() to their weight fake-quant: CPQ follows the layer."""
+    qat = _prepared(weight_bits=4, act_bits=4, drop_rate=0.5)
+    for module in qat.modules():
+        if hasattr(module, "freeze_bn") and hasattr(module, "bn"):   # as recipes' --freeze-bn does
+            module.bn.eval()
+            module.freeze_bn = True
+    qat.eval()
+    x = torch.randn(8, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(qat(x), qat(x))                 # deterministic: no bits dropped in eval
+    assert not qat.conv1.weight_fake_quant.training
+    _, error = _converted_and_max_error(qat)
+    assert error < 1e-4
