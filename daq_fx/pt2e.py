@@ -58,7 +58,7 @@ except ImportError as _error:  # pragma: no cover - exercised only without torch
 from daq_core import DEFAULT_GAMMA, MAX_INT8_WEIGHT_BITS, check_bits, check_positive, num_levels
 
 from .convert import bake_weight
-from .fake_quantize import ACTIVATION, WEIGHT, DAQFakeQuantize
+from .fake_quantize import ACTIVATION, WEIGHT, AveragedActivation, DAQFakeQuantize
 from .prepare import initialize_activations_off_lattice, refuse_nonfinite_first_batch
 
 __all__ = [
@@ -73,6 +73,11 @@ __all__ = [
     "quantized_weights",
     "lower_to_x86",
     "check_x86_lowering",
+    "insert_float_clamps",
+    "exact_averages",
+    "AveragedActivationPT2E",
+    "compile_x86",
+    "CompiledX86",
     "move_exported_model_to_eval",
     "move_exported_model_to_train",
     "ONEDNN_ISA_ENV",
@@ -121,6 +126,18 @@ class DAQFakeQuantizePT2E(_TorchaoFakeQuantizeBase, DAQFakeQuantize):
     # torchao's base declares these abstract and comes first in the MRO: take DAQ's
     forward = DAQFakeQuantize.forward
     calculate_qparams = DAQFakeQuantize.calculate_qparams
+
+
+class AveragedActivationPT2E(_TorchaoFakeQuantizeBase, AveragedActivation):
+    """:class:`daq_fx.AveragedActivation` for torchao: the shared quantizer after an average (global
+    pool, ``mean``) rounds exact ties ``k + 1/2`` of the averaged codes half to even, like an integer
+    average kernel, instead of leaving them to float error (see :func:`prepare_qat_pt2e`)."""
+
+    def __init__(self, source: DAQFakeQuantize) -> None:
+        AveragedActivation.__init__(self, source)   # (as DAQFakeQuantizePT2E: DAQ's constructor only)
+
+    forward = AveragedActivation.forward
+    calculate_qparams = AveragedActivation.calculate_qparams
 
 
 # --------------------------------------------------------------------------------------
@@ -533,11 +550,46 @@ def prepare_qat_pt2e(model, quantizer: Quantizer) -> fx.GraphModule:
                 weight = _weight(prepared, name)
                 fq.initialize(weight if factor is None else weight * factor)
     prepared.meta["daq_relu6_caps"] = _apply_relu6_caps(prepared)
+    prepared.meta["daq_averaged_activations"] = _route_averages(prepared)
     # first-batch activation grids off the input lattice, as in daq_fx.prepare_qat_fx (exact ties
     # would round differently in the QAT model and the lowered int kernels)
     initialize_activations_off_lattice(prepared)
     refuse_nonfinite_first_batch(prepared)    # a NaN / Inf first batch is refused before any state changes
     return prepared
+
+
+#: ops that average values of one grid (their output shares the input's quantizer)
+_AVERAGES = {aten.adaptive_avg_pool2d.default, aten.mean.dim, aten.avg_pool2d.default}
+
+
+def _route_averages(prepared: fx.GraphModule) -> int:
+    """Send the (shared) quantizer call after each average through an :class:`AveragedActivationPT2E`.
+
+    The average of codes ``c_i`` is often an exact tie ``k + 1/2`` (a 2x2 or 8x8 pool of integers).
+    The float QAT graph computes it from dequantized values, where float error breaks the tie at
+    random, and so would any kernel (eager q/dq, Inductor's C++, oneDNN) in its own way: the models
+    split there (measured on the trained ResNet-20's 8x8 global pool: 0.7 % of the pooled codes).
+    As in ``daq_fx.prepare_qat_fx``, the QAT model rounds such ties half to even, and
+    :func:`convert_pt2e` computes averages on the codes exactly (:func:`exact_averages`).
+    Returns the number of averages routed.
+    """
+    count = 0
+    for node in list(prepared.graph.nodes):
+        if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        source = node.args[0]
+        if source.op != "call_function" or source.target not in _AVERAGES:
+            continue
+        fq = prepared.get_submodule(node.target)
+        if not isinstance(fq, DAQFakeQuantize) or fq.is_weight:
+            continue
+        name = f"{node.target}_averaged_{count}"
+        prepared.add_submodule(name, AveragedActivationPT2E(fq))
+        node.target = name
+        count += 1
+    if count:
+        prepared.recompile()
+    return count
 
 
 def _name_quantizers(prepared: fx.GraphModule) -> None:
@@ -607,7 +659,52 @@ def convert_pt2e(model: fx.GraphModule, *, inplace: bool = False, use_reference_
     bake_daq_weights_pt2e(model)
     converted = _quantize_pt2e.convert_pt2e(model, use_reference_representation=use_reference_representation,
                                             fold_quantize=fold_quantize)
+    converted.meta["daq_exact_averages"] = exact_averages(converted)
     return converted
+
+
+def exact_averages(converted: fx.GraphModule) -> int:
+    """Compute each ``dequantize → average → quantize`` (same qparams) on the integer codes.
+
+    ``round_half_even(avg(code − z)) + z`` in float32: the codes and their sums are exact integers, a
+    power-of-two count divides exactly, and any other count cannot produce a tie (the true average is
+    at least ``1 / (2N)`` from one), so the result is the exact integer average whichever kernel runs
+    it (eager, Inductor's C++) — the rounding :class:`AveragedActivationPT2E` gives the QAT model.
+    In place; returns the number of averages rewritten.
+    """
+    graph = converted.graph
+    quantize = torch.ops.quantized_decomposed.quantize_per_tensor.default
+    dequantize = torch.ops.quantized_decomposed.dequantize_per_tensor.default
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _AVERAGES or len(node.users) != 1:
+            continue
+        dq, q = node.args[0], next(iter(node.users))
+        if not (isinstance(dq, fx.Node) and dq.op == "call_function" and dq.target is dequantize
+                and q.op == "call_function" and q.target is quantize):
+            continue
+        codes, scale, zero_point, quant_min, quant_max, dtype = dq.args[:6]
+        if tuple(q.args[1:6]) != (scale, zero_point, quant_min, quant_max, dtype) or \
+                not isinstance(zero_point, int):
+            continue
+        with graph.inserting_before(node):
+            centred = graph.call_function(aten.sub.Tensor, (
+                graph.call_function(aten._to_copy.default, (codes,), {"dtype": torch.float32}), zero_point))
+            average = graph.call_function(node.target, (centred, *node.args[1:]), dict(node.kwargs))
+            shifted = graph.call_function(aten.add.Tensor, (graph.call_function(aten.round.default, (average,)),
+                                                            zero_point))
+            clamped = graph.call_function(aten.clamp.default, (shifted, quant_min, quant_max))
+            result = graph.call_function(aten._to_copy.default, (clamped,), {"dtype": dtype})
+        q.replace_all_uses_with(result)
+        graph.erase_node(q)
+        graph.erase_node(node)
+        if not dq.users:
+            graph.erase_node(dq)
+        count += 1
+    if count:
+        graph.lint()
+        converted.recompile()
+    return count
 
 
 _DEQUANTIZE_WEIGHT = {torch.ops.quantized_decomposed.dequantize_per_channel.default,
@@ -777,3 +874,156 @@ def lower_to_x86(converted: fx.GraphModule, example_inputs: Tuple[Any, ...], *, 
         warnings.warn("lower_to_x86: no oneDNN int8 op was fused; the model runs as a float q/dq graph",
                       RuntimeWarning, stacklevel=2)
     return lowered
+
+
+# --------------------------------------------------------------------------------------
+# torch.compile (Inductor, freezing): fused oneDNN int8 kernels
+# --------------------------------------------------------------------------------------
+
+_QUANTIZE = torch.ops.quantized_decomposed.quantize_per_tensor.default
+_CLAMPABLE_PRODUCERS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.linear.default}
+_RELU_OPS = {aten.relu.default, aten.relu_.default}
+_HARDTANH_OPS = {aten.hardtanh.default, aten.hardtanh_.default}
+
+
+def insert_float_clamps(converted: fx.GraphModule) -> int:
+    """Clamp conv / linear outputs in float right before each sub-8-bit ``quantize_per_tensor``.
+
+    Inductor's x86 int8 lowering fuses ``dequantize → conv / linear [→ relu | hardtanh] → quantize``
+    into one oneDNN kernel (``onednn.qconv_pointwise`` / ``qlinear_pointwise``) whose uint8 output
+    saturates at 0..255: the quantize op's ``quant_max`` (15 for a 4-bit activation) is dropped. This
+    pass writes the clamp into the graph as ``clamp_max(clamp_min(y, (qmin − z)·s), (qmax − z)·s)``
+    (merged with a ReLU / ReLU6 already there), the pattern Inductor fuses as the kernel's
+    ``hardtanh`` post-op: the clamp runs inside the int8 kernel, and rounding the clamped float gives
+    exactly the clamped codes (the bounds are codes, far from rounding ties). The q/dq model's output
+    is unchanged (the quantize op clamps to the same codes). In place; returns the number of clamps.
+    """
+    graph = converted.graph
+    count = 0
+    for q in list(graph.nodes):
+        if q.op != "call_function" or q.target is not _QUANTIZE:
+            continue
+        y, scale, zero_point, quant_min, quant_max, dtype = q.args[:6]
+        if dtype != torch.uint8 or (quant_min, quant_max) == (0, 255) or not isinstance(y, fx.Node):
+            continue
+        if not all(isinstance(v, (int, float)) for v in (scale, zero_point, quant_min, quant_max)):
+            continue
+        low, high = (quant_min - zero_point) * scale, (quant_max - zero_point) * scale
+        source, unary = y, None
+        if source.op == "call_function" and source.target in (_RELU_OPS | _HARDTANH_OPS) and len(source.users) == 1:
+            unary = source
+            if source.target in _RELU_OPS:
+                a, b = 0.0, float("inf")
+            else:
+                a = source.args[1] if len(source.args) > 1 else source.kwargs.get("min_val", -1.0)
+                b = source.args[2] if len(source.args) > 2 else source.kwargs.get("max_val", 1.0)
+            low, high = max(low, float(a)), min(high, float(b))
+            source = source.args[0]
+        if not (source.op == "call_function" and source.target in _CLAMPABLE_PRODUCERS):
+            continue
+        with graph.inserting_before(q):
+            clamp_min = graph.call_function(aten.clamp_min.default, (source, low))
+            clamp_max = graph.call_function(aten.clamp_max.default, (clamp_min, high))
+        for node in (clamp_min, clamp_max):
+            if "val" in source.meta:
+                node.meta["val"] = source.meta["val"]
+        q.replace_input_with(y, clamp_max)
+        if unary is not None and not unary.users:
+            graph.erase_node(unary)
+        count += 1
+    graph.lint()
+    converted.recompile()
+    return count
+
+
+def _summarize_x86_code(source: str) -> Dict[str, int]:
+    import re
+    kernels = re.findall(r"torch\.ops\.onednn\.(q\w+?)_pointwise(?:\.\w+)?\((.*?)\)\n", source)
+    summary = {"qconv": 0, "qlinear": 0, "hardtanh_post_ops": 0, "onednn_int8_ops": 0}
+    for name, args in kernels:
+        summary["onednn_int8_ops"] += 1
+        if name.startswith("qconv"):
+            summary["qconv"] += 1
+        elif name.startswith("qlinear"):
+            summary["qlinear"] += 1
+        if "'hardtanh'" in args:
+            summary["hardtanh_post_ops"] += 1
+    summary["float_convs"] = len(re.findall(r"= (?:extern_kernels\.(?:convolution|mkldnn_convolution)|"
+                                            r"torch\.ops\.mkldnn\._convolution_pointwise(?:\.\w+)?)\(", source))
+    return summary
+
+
+class CompiledX86(nn.Module):
+    """A ``torch.compile``-d (Inductor, freezing) converted DAQ model: call it like the model.
+
+    Runs under ``torch.no_grad()`` (Inductor freezes weights only without autograd). Attributes:
+    ``compiled`` (the ``torch.compile`` module), ``activation_clamps`` (clamps written by
+    :func:`insert_float_clamps`), ``compile_s`` (seconds of the first, compiling call; ``None``
+    without example inputs) and ``kernels`` (from the generated code of the first call: ``qconv`` /
+    ``qlinear`` oneDNN int8 kernels, ``hardtanh_post_ops`` — the fused clamps — and ``float_convs``).
+    """
+
+    def __init__(self, compiled, model, activation_clamps: int):
+        super().__init__()
+        self.compiled = compiled
+        self.model = model
+        self.activation_clamps = activation_clamps
+        self.compile_s: Optional[float] = None
+        self.kernels: Dict[str, int] = {}
+        self.source: str = ""
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad():
+            return self.compiled(*args, **kwargs)
+
+
+def compile_x86(converted: fx.GraphModule, example_inputs: Optional[Tuple[Any, ...]] = None, *, exact: bool = True,
+                check_isa: Optional[bool] = None, dynamic: bool = False) -> CompiledX86:
+    """``torch.compile`` a :func:`convert_pt2e` model with Inductor's x86 int8 lowering (freezing on).
+
+    Inductor's freezing passes (with torchao's x86 patterns registered) turn every
+    ``dequantize → conv / linear → quantize`` of the q/dq model into a fused oneDNN int8 kernel
+    (``onednn.qconv_pointwise`` / ``qlinear_pointwise``: uint8 activations, int8 weights on DAQ's
+    grid, prepacked) and generate C++ for the rest (quantize of the input, residual adds, pools).
+
+    Args:
+        converted: from :func:`convert_pt2e` (left untouched: a deep copy is compiled).
+        example_inputs: if given, the model is compiled right away (the first call), timed into
+            ``compile_s``, and its generated code summarised into ``kernels``.
+        exact: :func:`insert_float_clamps` first, so that sub-8-bit activations are clipped at
+            ``quant_max`` inside the fused kernels (they saturate at 255 otherwise).
+        check_isa: as :func:`lower_to_x86` (oneDNN's "Illegal instruction" on some virtual CPUs).
+        dynamic: passed to ``torch.compile`` (default ``False``: one specialised graph per input shape).
+
+    Returns:
+        A :class:`CompiledX86` module (runs under ``torch.no_grad()``).
+    """
+    import time as _time
+
+    try:
+        # registers torchao's int8 weight-prepack / qconv / qlinear fusion passes with Inductor
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+    except ImportError as error:  # pragma: no cover - torchao < 0.15
+        raise RuntimeError("this torchao has no x86 Inductor quantizer; use torchao>=0.15,<0.19") from error
+    if not isinstance(converted, fx.GraphModule):
+        raise TypeError(f"converted must be a GraphModule from daq_fx.pt2e.convert_pt2e, got {type(converted).__name__}")
+    _check_isa_env(check_isa)
+    model = copy.deepcopy(converted)
+    clamps = insert_float_clamps(model) if exact else 0
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    torch._inductor.config.freezing = True   # read when the first call compiles (and by recompiles)
+    compiled = torch.compile(model, dynamic=dynamic)
+    result = CompiledX86(compiled, model, clamps)
+    if example_inputs is not None:
+        from torch._inductor.utils import run_and_get_code
+        start = _time.perf_counter()
+        with torch.no_grad():
+            _, sources = run_and_get_code(compiled, *example_inputs)
+        result.compile_s = _time.perf_counter() - start
+        result.source = "\n".join(sources)
+        result.kernels = _summarize_x86_code(result.source)
+        if result.kernels["onednn_int8_ops"] == 0:
+            warnings.warn("compile_x86: Inductor fused no oneDNN int8 kernel; the model runs as a float q/dq graph",
+                          RuntimeWarning, stacklevel=2)
+    return result

@@ -70,36 +70,87 @@ def test_trained_resnet20(resnet20_and_data, weight_bits, act_bits, min_prepared
     assert top1 >= 0.995 and cos >= 0.999
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("weight_bits,act_bits", [(4, 4), (2, 2)])
-def test_trained_resnet20_pt2e(resnet20_and_data, weight_bits, act_bits):
-    """The same trained network through torchao's pt2e flow: q/dq model vs QAT.
-
-    Measured (400 images, 2 threads): W4A4 top-1 agreement 0.9900, cosine 0.998877; W2A2 1.0000 /
-    1.000000. Below the issue's 0.995 / 0.999 at W4A4 for this first batch: repeated values within
-    ~1e-5 of a rounding point, rounded one way by the float32 QAT model and the other by the q/dq
-    model (bisected: one channel of one layer at t = 6.5 ± 4e-6). Other first batches meet the
-    thresholds (python -m benchmarks.int_agreement); see docs/pt2e.md (known, not fixed).
-    """
+@pytest.fixture(scope="module")
+def resnet20_pt2e(resnet20_and_data):
+    """bits -> (pt2e QAT model in eval, its outputs on the images, converted q/dq model), built once per
+    bit-width for the pt2e tests below (export + prepare take tens of seconds)."""
     pytest.importorskip("torchao.quantization.pt2e",
                         reason="torchao is not installed: pip install 'daq-quant[pt2e]' (torchao>=0.15,<0.19)")
     import copy
 
     from daq_fx import pt2e
-    model, x, y = resnet20_and_data
-    model = copy.deepcopy(model).train()
-    quantizer = pt2e.DAQQuantizer(weight_bits, act_bits, float_module_names=daq_fx.first_and_last_layer_names(model))
-    qat = pt2e.prepare_qat_pt2e(pt2e.export_for_qat(model, (x[:2],)), quantizer)
-    with torch.no_grad():
-        qat(x[:128])                                        # first batch: bounds
-    pt2e.move_exported_model_to_eval(qat)
-    with torch.no_grad():
-        expected = qat(x)
-    converted = pt2e.convert_pt2e(qat)
+    model, x, _ = resnet20_and_data
+    cache = {}
+
+    def get(bits):
+        if bits not in cache:
+            qmodel = copy.deepcopy(model).train()
+            quantizer = pt2e.DAQQuantizer(bits, bits, float_module_names=daq_fx.first_and_last_layer_names(qmodel))
+            qat = pt2e.prepare_qat_pt2e(pt2e.export_for_qat(qmodel, (x[:2],)), quantizer)
+            with torch.no_grad():
+                qat(x[:128])                                # first batch: bounds
+            pt2e.move_exported_model_to_eval(qat)
+            with torch.no_grad():
+                expected = qat(x)
+            cache[bits] = (qat, expected, pt2e.convert_pt2e(qat))
+        return cache[bits]
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weight_bits,act_bits", [(4, 4), (2, 2)])
+def test_trained_resnet20_pt2e(resnet20_and_data, resnet20_pt2e, weight_bits, act_bits):
+    """The same trained network through torchao's pt2e flow: q/dq model vs QAT.
+
+    Measured (400 images, 2 threads, AMD EPYC AVX2): W4A4 top-1 agreement 0.9975, cosine 0.999688,
+    96% of samples bit-identical; W2A2 1.0000 / 1.000000. Before averages of codes were rounded alike
+    in both models (issue 19: ``AveragedActivationPT2E``, ``exact_averages``; the last feature map is
+    8x8, an even count, so its average lands on exact ties k + 1/2) W4A4 measured 0.9900 / 0.998877
+    (89% bit-identical) on an AVX512 VM. What remains are near-tie values, rounded one way by the
+    float32 QAT model and the other by the q/dq model (see docs/pt2e.md).
+    """
+    _, x, y = resnet20_and_data
+    assert weight_bits == act_bits
+    _, expected, converted = resnet20_pt2e(weight_bits)
     with torch.no_grad():
         got = converted(x)
     top1, cos = agreement(expected, got)
     print(f"pt2e W{weight_bits}A{act_bits}: QAT accuracy {_accuracy(expected, y):.3f};"
           f" converted vs QAT: top-1 agreement {top1:.4f}, cosine {cos:.6f}")
     assert expected.abs().max() > 0
-    assert top1 >= 0.98 and cos >= 0.998
+    assert top1 >= 0.99 and cos >= 0.999
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [4, 2])
+def test_trained_resnet20_compiled_x86(resnet20_and_data, resnet20_pt2e, bits):
+    """Compiled int8 (issue 19): torch.compile (Inductor, freezing) of the converted pt2e model, every
+    quantized conv a fused oneDNN int8 kernel with its 4-bit clamp as a hardtanh post-op; agreement
+    with the QAT model at the issue's thresholds (top-1 >= 0.995, cosine >= 0.999).
+
+    Measured (400 images, 2 threads, AMD EPYC AVX2): W4A4 top-1 0.9975, cosine 0.999699, 96.5% of
+    samples bit-identical; W2A2 1.0000 / 0.999943. Compile of the first call ~10-25 s.
+    """
+    import os
+    import time
+
+    from daq_fx import pt2e
+    if not os.environ.get(pt2e.ONEDNN_ISA_ENV):
+        works, message = pt2e.check_x86_lowering()
+        if not works:
+            pytest.skip(f"x86 int8 kernels unavailable here: {message}")
+    _, x, _ = resnet20_and_data
+    _, expected, converted = resnet20_pt2e(bits)
+    start = time.perf_counter()
+    compiled = pt2e.compile_x86(converted, (x,), check_isa=False)
+    got = compiled(x)
+    r = daq_fx.output_agreement(expected, got)
+    print(f"compiled x86 W{bits}A{bits} vs QAT: top-1 {r['top1']:.4f}, cosine {r['cosine']:.6f}, bit-exact samples"
+          f" {r['bit_exact_samples']:.4f}; kernels {compiled.kernels}; compile {compiled.compile_s:.1f} s,"
+          f" total {time.perf_counter() - start:.1f} s")
+    kernels = compiled.kernels
+    # 18 quantized convs run as oneDNN int8 kernels, each clamping its 4-bit output inside the kernel;
+    # the first conv and the last linear are float (the paper's layout)
+    assert kernels["qconv"] == 18 and kernels["hardtanh_post_ops"] == 18 and compiled.activation_clamps == 18
+    assert kernels["float_convs"] == 1
+    assert r["top1"] >= 0.995 and r["cosine"] >= 0.999
