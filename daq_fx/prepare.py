@@ -19,6 +19,8 @@ quantizers get their first-batch grid moved off the input's value lattice
 
 from __future__ import annotations
 
+import math
+
 import copy
 import inspect
 import operator
@@ -688,7 +690,7 @@ def _initialize_off_lattice(module: DAQFakeQuantize, args) -> None:
             module.lower_bound.mul_(OFF_LATTICE_FACTOR)     # 0 (unsigned) stays 0; the zero point is unchanged
             module.upper_bound.mul_(OFF_LATTICE_FACTOR)
         else:                                               # CPQ: the step (zero point 0 or 2^(b-1))
-            module.step.mul_(OFF_LATTICE_FACTOR)
+            module.log_step.add_(math.log(OFF_LATTICE_FACTOR))
 
 
 def _on_lattice_grid(module: FamilyFakeQuantize) -> bool:

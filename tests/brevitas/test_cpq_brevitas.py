@@ -57,13 +57,13 @@ def test_layer_quantizers_put_weights_on_the_per_channel_grid():
                            return_quant_tensor=False).eval()
     qw = conv.quant_weight()
     scaling = conv.weight_quant.tensor_quant.scaling_impl
-    assert isinstance(scaling, FamilyScaling) and scaling.step.shape == (8,)
+    assert isinstance(scaling, FamilyScaling) and scaling.log_step.shape == (8,)
     codes = qw.value / qw.scale
     assert torch.allclose(codes, codes.round(), atol=1e-4)
     assert codes.round().min() >= -4 and codes.round().max() <= 3 and int(qw.bit_width) == 3
     per_tensor = qnn.QuantConv2d(3, 8, 3, weight_quant=CPQWeightPerTensor, weight_bit_width=3)
     per_tensor.quant_weight()
-    assert per_tensor.weight_quant.tensor_quant.scaling_impl.step.shape == (1,)
+    assert per_tensor.weight_quant.tensor_quant.scaling_impl.log_step.shape == (1,)
 
 
 def test_learned_bit_widths_reach_the_brevitas_view_and_qonnx(tmp_path):
@@ -110,7 +110,7 @@ def test_graph_mode_family_options_and_layer_bit_widths():
     assert len(layers) == 19 and all(v == {"weight": 8, "activation": 8} for v in layers.values())
     quant, rest = db.quantizer_parameters(qmodel)
     ids = {id(p) for p in quant}
-    assert all(id(m.gate_logits) in ids and id(m.step) in ids for m in states)
+    assert all(id(m.gate_logits) in ids and id(m.log_step) in ids for m in states)
     with pytest.raises(ValueError, match="not options of"):
         db.quantize_model(timm.create_model("resnet18", pretrained=False, num_classes=10), quantizer="cpq",
                           family_options={"gamma": 2.0})

@@ -129,7 +129,7 @@ def test_eval_never_drops_bits():
     q(x)
     q.eval()
     y = q(x)
-    alpha = q.step.detach()
+    alpha = cpq.step_of(q).detach()
     assert torch.equal(y, alpha * torch.clamp(torch.round(x / alpha), 0, 15))
     q.train()
     assert not torch.equal(q(x), y)   # training drops bits (p = 0.5)
@@ -158,7 +158,7 @@ def test_bit_width_read_out_is_nested():
         q.gate_logits.copy_(torch.tensor([5.0, -5.0, 5.0, 5.0, 5.0]))   # bit 1 dropped ⇒ bit 0 too
     assert q.bit_width == 4
     scale, zero_point = q.qparams()
-    torch.testing.assert_close(scale, q.step.detach() * 4)
+    torch.testing.assert_close(scale, cpq.step_of(q).detach() * 4)
     q.eval()
     y = q(torch.rand(1000) * 10)
     codes = torch.round(y / scale)

@@ -105,7 +105,7 @@ def test_mixed_bit_widths_convert_each_layer_at_its_learned_bit_width():
         _assert_on_grid(int8, qat, name, bits)      # b-bit signed codes of the layer's step 2^d α
         module = qat.get_submodule(name)
         scale = int8.get_submodule(name).weight().q_per_channel_scales()
-        torch.testing.assert_close(scale.float(), (module.weight_fake_quant.step.detach().abs()
+        torch.testing.assert_close(scale.float(), (cpq.step_of(module.weight_fake_quant).detach()
                                                    * 2 ** (8 - bits)).float())
 
 
@@ -127,7 +127,7 @@ def test_quantizer_parameters_hold_the_cpq_state():
     ids = {id(p) for p in quant}
     for m in qat.modules():
         if isinstance(m, CPQFakeQuantize):
-            assert {id(m.step), id(m.log_sigma), id(m.gate_logits)} <= ids
+            assert {id(m.log_step), id(m.log_sigma), id(m.gate_logits)} <= ids
     assert not ids & {id(p) for p in rest}
 
 
@@ -137,7 +137,7 @@ def test_state_dict_round_trip_keeps_learned_bit_widths():
     other = _prepared(weight_bits=6, act_bits=6, learn_bits=True)
     other.load_state_dict(qat.state_dict())
     assert daq_fx.layer_bit_widths(other) == daq_fx.layer_bit_widths(qat)
-    assert other.conv1.weight_fake_quant.step.shape == qat.conv1.weight_fake_quant.step.shape
+    assert other.conv1.weight_fake_quant.log_step.shape == qat.conv1.weight_fake_quant.log_step.shape
 
 
 def test_bad_options_are_refused():
