@@ -56,9 +56,10 @@ __all__ += ["calibrate_output_scales"]
 
 
 def __getattr__(name):
-    """``daq_fx.pt2e`` (torchao's pt2e flow) is imported on first use: torchao is optional (extra ``pt2e``)."""
-    if name == "pt2e":
+    """``daq_fx.pt2e`` (torchao's pt2e flow) and ``daq_fx.export_onnx`` (ONNX Runtime) are imported on first
+    use: torchao and onnx / onnxruntime are optional (extras ``pt2e`` and ``export``)."""
+    if name in ("pt2e", "export_onnx"):
         import importlib
 
-        return importlib.import_module(".pt2e", __name__)
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
