@@ -11,10 +11,12 @@ Typical use::
 """
 
 from .convert import (
+    ExactQuantizedConv,
     activation_grids,
     bake_daq_weights,
     bake_weight,
     convert_fx,
+    exact_saturating_layers,
     insert_activation_clamps,
     output_agreement,
     quantized_zero_padding,
