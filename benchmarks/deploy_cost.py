@@ -219,6 +219,46 @@ def _agreement(built, x, sessions) -> dict:
     return result
 
 
+def profile(built: dict, batch: int, threads: int, runs: int = 5, top: int = 6) -> dict:
+    """Where the time goes at one cell: the ``top`` ops (ms per inference) of the compiled int8 / float
+    models and the FX int8 model (torch.profiler, self CPU time of oneDNN / quantized / aten ops;
+    Inductor's generated C++ kernels are not recorded: the rest of the measured latency is theirs) and
+    of the ORT models (ORT's profile, by op type)."""
+    import collections
+
+    from daq_fx import export_onnx
+    torch.set_num_threads(threads)
+    x = built["inputs"][batch]
+    out = {}
+    for variant in ("compiled_int8", "float_compiled", "fx_int8"):
+        model = built[variant]
+        with torch.no_grad():
+            model(x)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for _ in range(runs):
+                    model(x)
+        totals = collections.Counter()
+        for event in prof.key_averages():
+            if event.key.startswith(("onednn::", "quantized::", "mkldnn::", "aten::", "cpp_fused", "mkl::")) \
+                    or "cpp_fused" in event.key:
+                totals[event.key] += event.self_cpu_time_total
+        out[variant] = [(k, v / runs / 1e3) for k, v in totals.most_common(top)]
+    for variant in ("ort_int8", "ort_int8_qlinear", "ort_float"):
+        session = export_onnx.ort_session(built["onnx_paths"][variant], threads, profile=True)
+        for _ in range(runs + 1):
+            session.run(None, {"input": x.numpy()})
+        path = session.end_profiling()
+        with open(path) as f:
+            events = json.load(f)
+        os.remove(path)
+        totals = collections.Counter()
+        for event in events:
+            if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+                totals[event["args"]["op_name"]] += event["dur"]
+        out[variant] = [(k, v / (runs + 1) / 1e3) for k, v in totals.most_common(top)]
+    return out
+
+
 def run(models, batches, threads_list, repeats: int = 20, log=print) -> dict:
     """:func:`build` then :func:`measure` for each model; JSON-ready results."""
     results = {}
@@ -226,10 +266,17 @@ def run(models, batches, threads_list, repeats: int = 20, log=print) -> dict:
         start = time.perf_counter()
         built = build(name, batches, log)
         cells = measure(built, batches, threads_list, repeats, log)
+        profiles = {}
+        for (model, batch, threads) in TARGETS:
+            if model == name and batch in batches:
+                profiles[f"b{batch}/t{threads}"] = profile(built, batch, threads)
+                for variant, rows in profiles[f"b{batch}/t{threads}"].items():
+                    log(f"{name} b{batch} t{threads} profile {variant}: " + ", ".join(
+                        f"{op} {ms:.1f} ms" for op, ms in rows))
         results[name] = {"size": built["size"], "build_times": built["build_times"],
                          "int8_kernels": built["compiled_int8"].kernels or None,
                          "cells": {f"b{b}/t{t}": v for (b, t), v in cells.items()},
-                         "wall_s": time.perf_counter() - start}
+                         "profiles": profiles, "wall_s": time.perf_counter() - start}
         del built
     return results
 
