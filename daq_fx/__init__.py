@@ -11,10 +11,12 @@ Typical use::
 """
 
 from .convert import (
+    ExactQuantizedConv,
     activation_grids,
     bake_daq_weights,
     bake_weight,
     convert_fx,
+    exact_saturating_layers,
     insert_activation_clamps,
     output_agreement,
     quantized_zero_padding,
@@ -59,9 +61,10 @@ __all__ += ["calibrate_output_scales"]
 
 
 def __getattr__(name):
-    """``daq_fx.pt2e`` (torchao's pt2e flow) is imported on first use: torchao is optional (extra ``pt2e``)."""
-    if name == "pt2e":
+    """``daq_fx.pt2e`` (torchao's pt2e flow) and ``daq_fx.export_onnx`` (ONNX Runtime) are imported on first
+    use: torchao and onnx / onnxruntime are optional (extras ``pt2e`` and ``export``)."""
+    if name in ("pt2e", "export_onnx"):
         import importlib
 
-        return importlib.import_module(".pt2e", __name__)
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

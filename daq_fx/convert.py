@@ -29,7 +29,8 @@ from .prepare import _fold_shape, weight_fold_factor
 from .qconfig import get_daq_backend_config
 
 __all__ = ["bake_weight", "bake_daq_weights", "convert_fx", "insert_activation_clamps", "activation_grids",
-           "quantized_zero_padding", "output_agreement"]
+           "quantized_zero_padding", "output_agreement", "ExactQuantizedConv", "exact_saturating_layers",
+           "INT16_PAIR_LIMIT"]
 
 
 @torch.no_grad()
@@ -317,6 +318,114 @@ def check_on_cpu(model: nn.Module) -> None:
                          ".cpu()) (keep training on the GPU; convert on the CPU)")
 
 
+#: x86 int8 kernels without VNNI (fbgemm's AVX2 paths, its depthwise kernels, oneDNN's AVX2 convs) add
+#: pairs of uint8 x int8 products in saturating int16 (``vpmaddubsw``): exact only while
+#: ``2 * max_code * max|w| <= INT16_PAIR_LIMIT``, e.g. not for 7-bit weights with 8-bit activations
+INT16_PAIR_LIMIT = 32767
+
+
+class ExactQuantizedConv(nn.Module):
+    """A quantized conv / linear computed exactly, for layers whose torch.ao x86 kernel can saturate.
+
+    fbgemm (torch.ao's ``x86`` / ``fbgemm`` engines on CPUs without AVX512-VNNI, and its depthwise
+    kernels) multiplies uint8 activations by int8 weights with ``vpmaddubsw``, which adds *pairs* of
+    products in saturating int16: with 8-bit activations and 7-bit DAQ weights (|w| up to 127,
+    2 · 255 · 127 > 32767) the accumulators are wrong (measured: 62 % of a random W7A8 conv's outputs,
+    up to 91 codes off; a pretrained EfficientNet-Lite0 at W7A8 agreed with its QAT model on 28 % of
+    predictions instead of 94 %). This module takes the lowered module's integer weights, scales,
+    bias and output qparams and computes ``acc = Σ (x − z_x) · w`` exactly (float32 when every sum is
+    below 2^24, float64 otherwise), then fbgemm's requantisation ``round((acc + b / (s_x s_w)) ·
+    (s_x s_w / s_y)) + z_y`` in float32 — the codes a non-saturating kernel returns. Slower than the
+    int8 kernel (a float conv); used only where the bound is exceeded (:func:`exact_saturating_layers`).
+    """
+
+    def __init__(self, module: nn.Module, input_quant_max: int, relu: bool) -> None:
+        super().__init__()
+        weight = module.weight()
+        if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            scales = weight.q_per_channel_scales().to(torch.float32)
+            if bool((weight.q_per_channel_zero_points() != 0).any()):
+                raise ValueError("ExactQuantizedConv needs symmetric weights (zero point 0)")
+        else:
+            scales = torch.full((weight.shape[0],), float(weight.q_scale()), dtype=torch.float32)
+            if int(weight.q_zero_point()) != 0:
+                raise ValueError("ExactQuantizedConv needs symmetric weights (zero point 0)")
+        self.register_buffer("int_weight", weight.int_repr().to(torch.float32))
+        self.register_buffer("weight_scales", scales)
+        bias = module.bias()
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
+        self.is_linear = self.int_weight.dim() == 2
+        if not self.is_linear:
+            self.stride, self.padding, self.dilation, self.groups = (module.stride, module.padding, module.dilation,
+                                                                     module.groups)
+        self.scale, self.zero_point = float(module.scale), int(module.zero_point)
+        self.relu = relu
+        self.input_quant_max = int(input_quant_max)
+        self.kind = type(module).__name__
+
+    def _accumulate(self, codes: torch.Tensor) -> torch.Tensor:
+        weight = self.int_weight
+        bound = float(codes.abs().max()) * float(weight.abs().flatten(1).sum(1).max()) if codes.numel() else 0.0
+        dtype = torch.float32 if bound < 2 ** 24 else torch.float64
+        codes, weight = codes.to(dtype), weight.to(dtype)
+        if self.is_linear:
+            return nn.functional.linear(codes, weight)
+        conv = {3: nn.functional.conv1d, 4: nn.functional.conv2d, 5: nn.functional.conv3d}[codes.dim()]
+        return conv(codes, weight, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes = x.int_repr().to(torch.float32) - float(x.q_zero_point())
+        acc = self._accumulate(codes).to(torch.float32)
+        shape = (1, -1) + (1,) * (acc.dim() - 2)
+        act_times_w = torch.tensor(x.q_scale(), dtype=torch.float32) * self.weight_scales
+        if self.bias is not None:
+            acc = acc + (self.bias / act_times_w).reshape(shape)
+        y = acc * (act_times_w / torch.tensor(self.scale, dtype=torch.float32)).reshape(shape)
+        q = torch.round(y) + self.zero_point
+        q = q.clamp(self.zero_point if self.relu else 0, 255).to(torch.uint8)
+        return torch._make_per_tensor_quantized_tensor(q, self.scale, self.zero_point)
+
+    def extra_repr(self) -> str:
+        return (f"{self.kind}, exact integer accumulation (int8 kernel would saturate: input codes up to"
+                f" {self.input_quant_max}, |w| up to {int(self.int_weight.abs().max())})")
+
+
+def exact_saturating_layers(converted: fx.GraphModule, grids, example_inputs: Tuple[Any, ...]) -> List[str]:
+    """Replace every quantized conv / linear whose x86 int8 kernel can saturate by :class:`ExactQuantizedConv`.
+
+    At risk: ``2 · q_max · max|w| > 32767`` with ``q_max`` the input activation's largest code (its
+    DAQ grid's ``quant_max``; 255 for inputs without one) and ``w`` the int8 weights. DAQ at ≤ 6-bit
+    weights, or ≤ 7-bit activations with 7-bit weights, never is. Returns the replaced module names.
+    """
+    import torch.ao.nn.intrinsic.quantized as nniq
+    import torch.ao.nn.quantized as nnq
+    recorder = _QParamsRecorder(converted)
+    with torch.no_grad():
+        recorder.run(*example_inputs)
+    replaced = []
+    for node in converted.graph.nodes:
+        if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        module = converted.get_submodule(node.target)
+        if not isinstance(module, (nnq.Conv1d, nnq.Conv2d, nnq.Conv3d, nnq.Linear)):
+            continue
+        qparams = recorder.qparams.get(node.args[0])
+        if qparams is None:
+            continue
+        quant_max = _find_grid(grids, *qparams) or 255
+        max_weight = int(module.weight().int_repr().abs().max())
+        if 2 * quant_max * max_weight <= INT16_PAIR_LIMIT:
+            continue
+        relu = isinstance(module, (nniq.ConvReLU1d, nniq.ConvReLU2d, nniq.ConvReLU3d, nniq.LinearReLU))
+        owner, _, attr = node.target.rpartition(".")
+        setattr(converted.get_submodule(owner) if owner else converted, attr,
+                ExactQuantizedConv(module, quant_max, relu))
+        replaced.append(node.target)
+    if replaced:
+        converted.recompile()
+    return replaced
+
+
 def convert_fx(graph_module: fx.GraphModule, convert_custom_config=None, _remove_qconfig: bool = True,
                qconfig_mapping=None, backend_config=None, *, exact: bool = True,
                example_inputs: Optional[Tuple[Any, ...]] = None, inplace: bool = False) -> fx.GraphModule:
@@ -326,7 +435,9 @@ def convert_fx(graph_module: fx.GraphModule, convert_custom_config=None, _remove
         graph_module: a model from :func:`daq_fx.prepare_qat_fx` (or the stock prepare with a DAQ
             qconfig mapping; then pass ``backend_config`` and ``example_inputs``).
         exact: insert quantized clamps so that the int8 model reproduces the fake-quant model
-            (``x86``/``fbgemm``: to float rounding). ``exact=False`` skips them: faster, but a
+            (``x86``/``fbgemm``: to float rounding), and compute layers whose x86 int8 kernel can
+            saturate int16 pair sums (7-bit weights with 8-bit activations) exactly instead
+            (:class:`ExactQuantizedConv`, listed in ``meta["daq_exact_layers"]``). ``exact=False`` skips them: faster, but a
             sub-8-bit activation above its learned upper bound ``u`` is then clipped only at code
             255 — **not exact** (outputs differ from the QAT model).
         example_inputs: inputs used to find the ops to clamp and the zero pads that can run on
@@ -370,6 +481,9 @@ def convert_fx(graph_module: fx.GraphModule, convert_custom_config=None, _remove
     converted.meta["daq_activation_clamps"] = 0
     converted.meta["daq_quantized_pads"] = (quantized_zero_padding(converted, tuple(example_inputs))
                                             if example_inputs is not None else 0)
+    converted.meta["daq_exact_layers"] = []
+    if exact and backend in ("x86", "fbgemm"):
+        converted.meta["daq_exact_layers"] = exact_saturating_layers(converted, grids, tuple(example_inputs))
     if exact:
         converted.meta["daq_activation_clamps"] = insert_activation_clamps(
             converted, grids, tuple(example_inputs), contiguous=(backend == "qnnpack"))

@@ -304,6 +304,11 @@ class _Exporter:
     # quantized convolution / linear
     # ----------------------------------------------------------------------------------
     def _qweight(self, module):
+        from .convert import ExactQuantizedConv
+        if isinstance(module, ExactQuantizedConv):
+            ints = module.int_weight.numpy().astype(np.int8)
+            bias = None if module.bias is None else module.bias.numpy().astype(np.float32)
+            return ints, _f32(module.weight_scales.numpy()), np.zeros(ints.shape[0], np.int8), bias
         weight = module.weight()
         if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric,
                                 torch.per_channel_affine_float_qparams):
@@ -338,7 +343,7 @@ class _Exporter:
         b, x = self.b, self._val(node.args[0])
         if not x.quantized:
             raise DAQOnnxExportError(f"{node.name}: quantized conv on a float input")
-        if module.padding_mode != "zeros":
+        if getattr(module, "padding_mode", "zeros") != "zeros":
             raise DAQOnnxExportError(f"{node.name}: padding_mode={module.padding_mode!r} is not supported")
         ints, w_scales, w_zps, bias = self._qweight(module)
         spatial = ints.ndim - 2
@@ -597,7 +602,10 @@ class _Exporter:
     def _module(self, node: fx.Node, module: nn.Module):
         import torch.ao.nn.intrinsic.quantized as nniq
         import torch.ao.nn.quantized as nnq
+        from .convert import ExactQuantizedConv
         x = self._val(node.args[0]) if node.args else None
+        if isinstance(module, ExactQuantizedConv):      # a layer kept off fbgemm's saturating kernels
+            return (self._qlinear if module.is_linear else self._qconv)(node, module, relu=module.relu)
         if isinstance(module, (nniq.ConvReLU1d, nniq.ConvReLU2d, nniq.ConvReLU3d)):
             return self._qconv(node, module, relu=True)
         if hasattr(nniq, "ConvAdd2d") and isinstance(module, (nniq.ConvAdd2d, nniq.ConvAddReLU2d)):

@@ -74,6 +74,7 @@ __all__ = [
     "lower_to_x86",
     "check_x86_lowering",
     "insert_float_clamps",
+    "saturation_risk",
     "exact_averages",
     "AveragedActivationPT2E",
     "compile_x86",
@@ -953,6 +954,34 @@ def _summarize_x86_code(source: str) -> Dict[str, int]:
     return summary
 
 
+def _has_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and ("avx512_vnni" in line or "avx_vnni" in line) for line in f)
+    except OSError:  # pragma: no cover - not Linux: assume a modern CPU
+        return True
+
+
+def saturation_risk(converted: fx.GraphModule, limit: int = 32767) -> List[str]:
+    """Conv / linear nodes of a q/dq model whose int8 kernel can saturate int16 pair sums on CPUs without
+    VNNI: ``2 · q_max(input) · max|w| > limit`` (7-bit weights with 8-bit activations; see
+    ``daq_fx.ExactQuantizedConv`` for the FX flow's fix)."""
+    dequantize = torch.ops.quantized_decomposed.dequantize_per_tensor.default
+    risky = []
+    for node in converted.graph.nodes:
+        if node.op != "call_function" or node.target not in (_CONV | _LINEAR) or len(node.args) < 2:
+            continue
+        x, w = node.args[0], node.args[1]
+        if not (isinstance(x, fx.Node) and x.target is dequantize and isinstance(w, fx.Node)
+                and w.target in _DEQUANTIZE_WEIGHT and w.args[0].op == "get_attr"):
+            continue
+        quant_max = x.args[4] if len(x.args) > 4 else 255
+        max_weight = int(_weight(converted, w.args[0].target).to(torch.int32).abs().max())
+        if 2 * int(quant_max) * max_weight > limit:
+            risky.append(node.name)
+    return risky
+
+
 class CompiledX86(nn.Module):
     """A ``torch.compile``-d (Inductor, freezing) converted DAQ model: call it like the model.
 
@@ -1008,6 +1037,13 @@ def compile_x86(converted: fx.GraphModule, example_inputs: Optional[Tuple[Any, .
     if not isinstance(converted, fx.GraphModule):
         raise TypeError(f"converted must be a GraphModule from daq_fx.pt2e.convert_pt2e, got {type(converted).__name__}")
     _check_isa_env(check_isa)
+    risky = saturation_risk(converted)
+    if risky and not _has_vnni():
+        warnings.warn(f"compile_x86: {len(risky)} conv / linear layers (e.g. {risky[0]!r}) combine 8-bit activations"
+                      " with weights beyond ±64 (7-bit DAQ weights); oneDNN's int8 kernels on this CPU (no"
+                      " AVX512-VNNI) add pairs of uint8 x int8 products in saturating int16 and return wrong codes"
+                      " there. Use <= 6-bit weights, or daq_fx.export_onnx (exact integer kernels).",
+                      RuntimeWarning, stacklevel=2)
     model = copy.deepcopy(converted)
     clamps = insert_float_clamps(model) if exact else 0
     for parameter in model.parameters():

@@ -34,7 +34,8 @@ def test_quick_run_writes_wellformed_ratios(tmp_path):
         assert model["model"] == name
         for part in ("train_step", "memory", "latency"):
             assert part in model
-    expected = cost.ratio_keys(cost.MODEL_NAMES)
+    assert results["deploy_grid"] == {k: list(v) for k, v in cost.DEPLOY_GRID_QUICK.items()}
+    expected = cost.ratio_keys(cost.MODEL_NAMES, cost.DEPLOY_GRID_QUICK)
     assert set(results["ratios"]) == set(expected)
     for key in expected:
         value = results["ratios"][key]
@@ -64,3 +65,21 @@ def test_quick_run_writes_wellformed_ratios(tmp_path):
         assert fz["float_s"] == min(fz["float_nchw_s"], fz["float_channels_last_s"])
         assert math.isclose(results["ratios"][f"{name}/latency_fast_frozen"], fz["fast_s"] / fz["float_s"])
         assert results["targets"][f"{name}/latency_exact_frozen"] is None
+    # deploy paths (issue 19): every path timed, ratios to the faster float eager layout and to float compile
+    assert results["load_average"]["start"] and results["cpu"]
+    for name in cost.DEPLOY_GRID_QUICK["models"]:
+        deploy = results["deploy"][name]
+        for key in ("fx_prepare_convert_s", "pt2e_export_prepare_convert_s", "onnx_export_integer_s",
+                    "onnx_export_float_s", "float_compile_b1_s", "int8_compile_b1_s"):
+            assert deploy["build_times"][key] > 0, key
+        cell = deploy["cells"]["b1/t1"]
+        lat = cell["latency_s"]
+        assert lat["float_eager"] == min(lat["float_eager_nchw"], lat["float_eager_channels_last"])
+        for variant in ("float_compiled", "fx_int8", "compiled_int8", "ort_int8", "ort_int8_qlinear", "ort_float"):
+            key = f"deploy/{name}/b1/t1/{variant}/float_eager"
+            assert math.isclose(results["ratios"][key], lat[variant] / lat["float_eager"]), key
+        assert cell["agreement"]["ort_int8_equals_fx_int8"] is True       # the exact ONNX path
+        assert deploy["int8_kernels"]["qconv"] == 19 and deploy["int8_kernels"]["hardtanh_post_ops"] == 19
+    assert results["targets"]["deploy/resnet20_cifar/b1/t1/best_exact_int8/float_eager"] is None
+    assert cost.target_of("deploy/mobilenetv2_100/b8/t2/best_exact_int8/float_eager") == 0.25
+    assert cost.target_of("deploy/mobilenetv2_100/b8/t2/best_exact_int8/float_compiled") == 0.5

@@ -116,15 +116,19 @@ def test_integer_export_is_exact_at_w7a8(net):
 
     fbgemm's AVX2 kernels (torch.ao's x86 int model on CPUs without AVX512-VNNI, and its depthwise
     kernels everywhere) add pairs of uint8 x int8 products in saturating int16 (``vpmaddubsw``):
-    255 * 127 * 2 > 32767, so the x86 int model is off by up to ~90 codes there (measured on TinyNet:
-    22% of samples bit-exact). ORT's u8u8 kernels (the exporter stores weights as uint8 + 128) do not
-    saturate.
+    255 * 127 * 2 > 32767, so the x86 int model was off by up to ~90 codes there (measured on TinyNet:
+    22% of samples bit-exact) until ``convert_fx`` computed such layers exactly
+    (``daq_fx.ExactQuantizedConv``, tests/fx/test_saturation.py). ORT's u8s8 MatMulInteger saturates
+    the same way; the exporter stores weights as uint8 + 128 (u8u8 kernels do not saturate).
     """
     qat, int8, example = _converted(net(), (7, 8), steps=2)
+    assert int8.meta["daq_exact_layers"]
     x = torch.randn(128, 3, SIZE, SIZE)
     with torch.no_grad():
-        expected = qat(x)
-    r = daq_fx.output_agreement(expected, _ort(export_onnx.export_qdq_onnx(int8, (example,)), x))
+        expected, want = qat(x), int8(x)
+    got = _ort(export_onnx.export_qdq_onnx(int8, (example,)), x)
+    assert torch.equal(got, want)
+    r = daq_fx.output_agreement(expected, got)
     assert r["top1"] == 1.0 and r["bit_exact_samples"] >= 0.95, r
 
 
