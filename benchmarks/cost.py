@@ -205,6 +205,48 @@ def _print_deploy_table(deploy: dict) -> None:
         print(f"{name} build / export / compile: {times}")
 
 
+def deploy_markdown(results: dict) -> str:
+    """The deploy section of a run as Markdown: latency and ratios per cell, targets, build times,
+    profile of the target cell, machine, load."""
+    deploy = results.get("deploy") or {}
+    lines = [f"# Deploy latency (`python -m benchmarks.cost`, {results['mode']} mode)", "",
+             f"torch {results['torch']}, timm {results['timm']}, CPU: {results.get('cpu')}; load average (1/5/15 min)"
+             f" at start {results['load_average']['start']}, at end {results['load_average']['end']} on"
+             f" {results['load_average']['cpus']} CPUs; wall {results['wall_s']:.0f} s.", "",
+             "Latency in ms (median), in parentheses ÷ float eager in its faster layout; the last two columns: the"
+             " faster *exact* int8 deploy path (compiled int8 or ORT int8) ÷ float eager and ÷ float compiled"
+             " (targets at mobilenetv2_100, batch 8, 2 threads: ≤ 0.25 and ≤ 0.5). * not exact.", "",
+             "| model | batch | threads | " + " | ".join(label for _, label in _DEPLOY_COLUMNS)
+             + " | best exact int8 ÷ float eager | ÷ float compiled |",
+             "|---" * (5 + len(_DEPLOY_COLUMNS)) + "|"]
+    for name, r in deploy.items():
+        for cell, figures in r["cells"].items():
+            batch, threads = (v[1:] for v in cell.split("/"))
+            lat, ratio = figures["latency_s"], figures["ratios"]
+            row = [name, batch, threads]
+            for variant, _ in _DEPLOY_COLUMNS:
+                row.append(f"{lat[variant] * 1e3:.1f}" + ("" if variant == "float_eager"
+                                                            else f" ({ratio[f'{variant}/float_eager']:.2f})"))
+            target = deploy_cost.TARGETS.get((name, int(batch), int(threads)), {})
+            for key in ("best_exact_int8/float_eager", "best_exact_int8/float_compiled"):
+                text = f"{ratio[key]:.2f}" + (f" {figures['best_exact_int8']}" if key.endswith("eager") else "")
+                if key in target:
+                    text = f"**{text}** ({'met' if ratio[key] <= target[key] else 'missed'}, ≤ {target[key]})"
+                row.append(text)
+            lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    for name, r in deploy.items():
+        lines.append(f"{name}: build / export / compile times: " + ", ".join(
+            f"{k[:-2].replace('_', ' ')} {v:.1f} s" for k, v in r["build_times"].items())
+            + f"; compiled int8 kernels {r.get('int8_kernels')}.")
+        for cell, prof in (r.get("profiles") or {}).items():
+            lines += ["", f"Profile, {name} {cell.replace('/', ' ')} (ms per inference, top ops):", ""]
+            for variant, rows in prof.items():
+                lines.append(f"- {variant}: " + ", ".join(f"{op} {ms:.1f}" for op, ms in rows))
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: small inputs, eager kernels, few repeats")
@@ -361,8 +403,12 @@ def main(argv=None) -> dict:
     if output is not None:
         output = Path(output)
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(results, indent=2) + "\n")
+        output.write_text(json.dumps(results, indent=2, default=str) + "\n")
         print(f"wrote {output}")
+        if deploy:
+            markdown = output.with_name(output.stem + "_deploy.md")
+            markdown.write_text(deploy_markdown(results))
+            print(f"wrote {markdown}")
     return results
 
 

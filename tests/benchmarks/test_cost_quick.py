@@ -83,3 +83,5 @@ def test_quick_run_writes_wellformed_ratios(tmp_path):
     assert results["targets"]["deploy/resnet20_cifar/b1/t1/best_exact_int8/float_eager"] is None
     assert cost.target_of("deploy/mobilenetv2_100/b8/t2/best_exact_int8/float_eager") == 0.25
     assert cost.target_of("deploy/mobilenetv2_100/b8/t2/best_exact_int8/float_compiled") == 0.5
+    markdown = (tmp_path / "cost_deploy.md").read_text()
+    assert "| resnet20_cifar | 1 | 1 |" in markdown and "load average" in markdown
