@@ -172,27 +172,31 @@ _DEPLOY_COLUMNS = (("float_eager", "float eager"), ("float_compiled", "float com
                    ("ort_int8_qlinear", "ORT int8 qlinear*"), ("ort_float", "ORT float"))
 
 
-def _print_deploy_table(deploy: dict) -> None:
-    """One line per (model, batch, threads): latency in ms and the ratios to float eager / float compiled."""
-    header = ["model", "b", "t"] + [label for _, label in _DEPLOY_COLUMNS] + ["best exact int8 / eager", "/ compiled"]
-    lines = []
+def _deploy_cells(deploy: dict):
+    """Per (model, batch, threads): the row's leading cells and latency columns, then per target ratio
+    ``(text, value, target or None)``; the printed table and the Markdown format the targets their own way."""
     for name, r in deploy.items():
         for cell, figures in r["cells"].items():
             batch, threads = (v[1:] for v in cell.split("/"))
             lat, ratio = figures["latency_s"], figures["ratios"]
-            row = [name, batch, threads]
-            for variant, _ in _DEPLOY_COLUMNS:
-                text = f"{lat[variant] * 1e3:.1f}"
-                if variant != "float_eager":
-                    text += f" ({ratio[f'{variant}/float_eager']:.2f})"
-                row.append(text)
+            columns = [f"{lat[variant] * 1e3:.1f}" + ("" if variant == "float_eager"
+                                                     else f" ({ratio[f'{variant}/float_eager']:.2f})")
+                       for variant, _ in _DEPLOY_COLUMNS]
             target = deploy_cost.TARGETS.get((name, int(batch), int(threads)), {})
-            for key in ("best_exact_int8/float_eager", "best_exact_int8/float_compiled"):
-                text = f"{ratio[key]:.2f} {figures['best_exact_int8']}" if key.endswith("eager") else f"{ratio[key]:.2f}"
-                if key in target:
-                    text += f" (<= {target[key]} {'ok' if ratio[key] <= target[key] else 'MISSED'})"
-                row.append(text)
-            lines.append(row)
+            ratios = [(f"{ratio[key]:.2f}" + (f" {figures['best_exact_int8']}" if key.endswith("eager") else ""),
+                       ratio[key], target.get(key))
+                      for key in ("best_exact_int8/float_eager", "best_exact_int8/float_compiled")]
+            yield [name, batch, threads] + columns, ratios
+
+
+def _print_deploy_table(deploy: dict) -> None:
+    """One line per (model, batch, threads): latency in ms and the ratios to float eager / float compiled."""
+    header = ["model", "b", "t"] + [label for _, label in _DEPLOY_COLUMNS] + ["best exact int8 / eager", "/ compiled"]
+    lines = []
+    for row, ratios in _deploy_cells(deploy):
+        for text, value, target in ratios:
+            row.append(text if target is None else f"{text} (<= {target} {'ok' if value <= target else 'MISSED'})")
+        lines.append(row)
     widths = [max(len(str(r[i])) for r in [header, *lines]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     print("deploy latency, ms (÷ float eager in its faster layout); * = not exact")
@@ -219,21 +223,10 @@ def deploy_markdown(results: dict) -> str:
              "| model | batch | threads | " + " | ".join(label for _, label in _DEPLOY_COLUMNS)
              + " | best exact int8 ÷ float eager | ÷ float compiled |",
              "|---" * (5 + len(_DEPLOY_COLUMNS)) + "|"]
-    for name, r in deploy.items():
-        for cell, figures in r["cells"].items():
-            batch, threads = (v[1:] for v in cell.split("/"))
-            lat, ratio = figures["latency_s"], figures["ratios"]
-            row = [name, batch, threads]
-            for variant, _ in _DEPLOY_COLUMNS:
-                row.append(f"{lat[variant] * 1e3:.1f}" + ("" if variant == "float_eager"
-                                                            else f" ({ratio[f'{variant}/float_eager']:.2f})"))
-            target = deploy_cost.TARGETS.get((name, int(batch), int(threads)), {})
-            for key in ("best_exact_int8/float_eager", "best_exact_int8/float_compiled"):
-                text = f"{ratio[key]:.2f}" + (f" {figures['best_exact_int8']}" if key.endswith("eager") else "")
-                if key in target:
-                    text = f"**{text}** ({'met' if ratio[key] <= target[key] else 'missed'}, ≤ {target[key]})"
-                row.append(text)
-            lines.append("| " + " | ".join(row) + " |")
+    for row, ratios in _deploy_cells(deploy):
+        for text, value, target in ratios:
+            row.append(text if target is None else f"**{text}** ({'met' if value <= target else 'missed'}, ≤ {target})")
+        lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     for name, r in deploy.items():
         lines.append(f"{name}: build / export / compile times: " + ", ".join(

@@ -368,12 +368,16 @@ class _Exporter:
             if bias is not None:
                 inputs.append(self._dq_bias(bias, x.scale, w_scales, hint))
             y = b.node("Conv", inputs, hint + "_conv", **attrs)
-            if relu and out_zp > 0:
-                y = b.node("Relu", [y], hint + "_relu")
-            q = b.quantize(y, out_scale, out_zp, hint + "_q")
+            q = self._quantize_float(y, relu, out_scale, out_zp, hint)
         if relu:
             q = b.clip_codes(q, out_zp, 255, hint + "_relu")
         return _Value(q, out_scale, out_zp)
+
+    def _quantize_float(self, y, relu: bool, out_scale: float, out_zp: int, hint: str):
+        """The qlinear form's output: ``y`` (float) through a ReLU where the zero point keeps negatives, quantized."""
+        if relu and out_zp > 0:
+            y = self.b.node("Relu", [y], hint + "_relu")
+        return self.b.quantize(y, out_scale, out_zp, hint + "_q")
 
     def _dq_weight(self, ints, w_scales, w_zps, hint):
         b = self.b
@@ -418,9 +422,7 @@ class _Exporter:
                 y = b.node("MatMul", [x_f, w_t], hint + "_matmul")
                 if bias is not None:
                     y = b.node("Add", [y, self._dq_bias(bias, x.scale, w_scales, hint)], hint + "_bias")
-            if relu and out_zp > 0:
-                y = b.node("Relu", [y], hint + "_relu")
-            q = b.quantize(y, out_scale, out_zp, hint + "_q")
+            q = self._quantize_float(y, relu, out_scale, out_zp, hint)
         if relu:
             q = b.clip_codes(q, out_zp, 255, hint + "_relu")
         return _Value(q, out_scale, out_zp)
