@@ -188,7 +188,7 @@ def _print_deploy_table(deploy: dict) -> None:
                 row.append(text)
             target = deploy_cost.TARGETS.get((name, int(batch), int(threads)), {})
             for key in ("best_exact_int8/float_eager", "best_exact_int8/float_compiled"):
-                text = f"{ratio[key]:.2f} {figures['best_exact_int8']}" if key.endswith("eager") else f"{ratio[key]:.2f}"
+                text = f"{ratio[key]:.2f}" + (f" {figures['best_exact_int8']}" if key.endswith("eager") else "")
                 if key in target:
                     text += f" (<= {target[key]} {'ok' if ratio[key] <= target[key] else 'MISSED'})"
                 row.append(text)
