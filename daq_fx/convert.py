@@ -437,9 +437,9 @@ def convert_fx(graph_module: fx.GraphModule, convert_custom_config=None, _remove
         exact: insert quantized clamps so that the int8 model reproduces the fake-quant model
             (``x86``/``fbgemm``: to float rounding), and compute layers whose x86 int8 kernel can
             saturate int16 pair sums (7-bit weights with 8-bit activations) exactly instead
-            (:class:`ExactQuantizedConv`, listed in ``meta["daq_exact_layers"]``). ``exact=False`` skips them: faster, but a
-            sub-8-bit activation above its learned upper bound ``u`` is then clipped only at code
-            255 — **not exact** (outputs differ from the QAT model).
+            (:class:`ExactQuantizedConv`, listed in ``meta["daq_exact_layers"]``). ``exact=False``
+            skips both: faster, but a sub-8-bit activation above its learned upper bound ``u`` is
+            then clipped only at code 255 — **not exact** (outputs differ from the QAT model).
         example_inputs: inputs used to find the ops to clamp and the zero pads that can run on
             quantized tensors (:func:`quantized_zero_padding`; default: those given to prepare).
         inplace: bake into ``graph_module`` itself (default: into a deep copy; the QAT model is

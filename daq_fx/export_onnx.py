@@ -37,14 +37,13 @@ Needs the ``export`` extra (``onnx``, ``onnxruntime``).
 from __future__ import annotations
 
 import collections
-import copy
 import json
 import operator
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -356,7 +355,8 @@ class _Exporter:
         hint = node.name
         if self.kernels == "integer":
             # uint8 weights (int8 + 128, zero point 128): ORT's u8u8 ConvInteger kernel is ~6x faster than u8s8
-            inputs = [x.name, b.const(_offset_weight(ints), hint + "_weight_u8"), b.const(b.u8(x.zero_point), "zero_point"),
+            inputs = [x.name, b.const(_offset_weight(ints), hint + "_weight_u8"),
+                      b.const(b.u8(x.zero_point), "zero_point"),
                       b.const(_offset_weight(w_zps[0] if np.all(w_zps == w_zps[0]) else w_zps), "weight_zero_point")]
             acc = b.node("ConvInteger", inputs, hint + "_acc", **attrs)
             q = self._requantize_integer(acc, x, w_scales, bias, out_scale, out_zp, hint,
@@ -573,8 +573,8 @@ class _Exporter:
         while k < len(modules):
             m, hint = modules[k], f"{node.name}_{k}"
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                bn = modules[k + 1] if k + 1 < len(modules) and isinstance(modules[k + 1], nn.modules.batchnorm._BatchNorm) \
-                    else None
+                following = modules[k + 1] if k + 1 < len(modules) else None
+                bn = following if isinstance(following, nn.modules.batchnorm._BatchNorm) else None
                 x = self._float_conv(hint, x, m, bn)
                 k += 2 if bn is not None else 1
                 continue

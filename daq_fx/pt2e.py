@@ -1035,7 +1035,8 @@ def compile_x86(converted: fx.GraphModule, example_inputs: Optional[Tuple[Any, .
     except ImportError as error:  # pragma: no cover - torchao < 0.15
         raise RuntimeError("this torchao has no x86 Inductor quantizer; use torchao>=0.15,<0.19") from error
     if not isinstance(converted, fx.GraphModule):
-        raise TypeError(f"converted must be a GraphModule from daq_fx.pt2e.convert_pt2e, got {type(converted).__name__}")
+        raise TypeError("converted must be a GraphModule from daq_fx.pt2e.convert_pt2e, got"
+                        f" {type(converted).__name__}")
     _check_isa_env(check_isa)
     risky = saturation_risk(converted)
     if risky and not _has_vnni():
