@@ -19,6 +19,7 @@ at its float statistics — and only the quantizer differs:
 ``daq-ste``         ablation: DAQ with a straight-through gradient instead of DASR's
 ``n2uq-fx``         N2UQ (learned non-uniform thresholds, G-STE) through ``daq_fx``
 ``cpq-fx``          CPQ (reconstructed from the abstract) at fixed W/A bits through ``daq_fx``
+``cpq-fx-p0``       the same with DropBits off (``--drop-rate 0``, chosen on the carved split)
 ``cpq-fx-learned``  CPQ with learned per-layer bit-widths (largest W8A8) whose size-weighted
                     average is held at the row's W/A bits (``--target-avg-bits``)
 ==================  ====================================================================
@@ -70,6 +71,8 @@ METHODS: Dict[str, List[str]] = {
     "daq-ste": ["--framework", "fx", "--rounding", "ste", "--intermediate-act-bits", "0"],
     "n2uq-fx": ["--framework", "fx", "--quantizer", "n2uq"],
     "cpq-fx": ["--framework", "fx", "--quantizer", "cpq"],
+    # DropBits's rate chosen on the carved split (python -m benchmarks.cpq_drop_rate): 0 of 0, 0.01, 0.03, 0.1
+    "cpq-fx-p0": ["--framework", "fx", "--quantizer", "cpq", "--drop-rate", "0"],
     # {bits}: the row's bit-widths become the target averages; W8A8 the largest bit-widths
     "cpq-fx-learned": ["--framework", "fx", "--quantizer", "cpq", "--learn-bits", "--bits", "W8A8",
                        "--target-avg-bits", "{bits}", "--gate-lr", "0.05"],
@@ -86,6 +89,7 @@ DESCRIPTIONS = {
     "daq-ste": "ablation: DAQ with an STE gradient",
     "n2uq-fx": "N2UQ (daq_fx; QAT only, no int conversion)",
     "cpq-fx": "CPQ (reconstructed from the abstract; daq_fx → x86 int8)",
+    "cpq-fx-p0": "CPQ, DropBits off (p = 0, chosen on the carved split)",
     "cpq-fx-learned": "CPQ, learned per-layer bit-widths at that average (reconstructed; daq_fx → x86 int8)",
 }
 #: the baselines' signed weight range has no 1-bit grid ({-1, 0}); A32 = float activations (fx only)

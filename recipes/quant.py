@@ -74,13 +74,18 @@ def _daq_fx_qconfig_mapping(spec: "QuantSpec"):
     if spec.quantizer == "cpq":
         return daq_fx.get_cpq_qat_qconfig_mapping(backend=spec.backend, weight_bits=spec.weight_bits,
                                                   act_bits=8 if spec.act_bits >= 32 else spec.act_bits,
-                                                  learn_bits=spec.learn_bits)
+                                                  learn_bits=spec.learn_bits, **_cpq_options(spec))
     if spec.rounding != "dasr":
         kwargs.update(rounding=spec.rounding, beta=spec.beta)
     if spec.intermediate_act_bits:
         kwargs.update(intermediate_act_bits=spec.intermediate_act_bits)
     return daq_fx.get_daq_qat_qconfig_mapping(backend=spec.backend, weight_bits=spec.weight_bits,
                                               act_bits=8 if spec.act_bits >= 32 else spec.act_bits, **kwargs)
+
+
+def _cpq_options(spec: "QuantSpec") -> Dict:
+    """CPQ's options the recipes expose beyond ``learn_bits`` (only those set)."""
+    return {} if spec.drop_rate is None else {"drop_rate": spec.drop_rate}
 
 
 def _fx_qconfig_mapping(spec: "QuantSpec"):
@@ -116,6 +121,9 @@ class QuantSpec:
     #: CPQ: target average bit-widths (size-weighted), reached by adjusting λ
     target_weight_bits: Optional[float] = None
     target_act_bits: Optional[float] = None
+    #: CPQ: DropBits's per-bit drop probability (fixed bit-widths; with learned ones the gates' initial
+    #: drop probability); None: daq_core.cpq.DEFAULT_DROP_RATE
+    drop_rate: Optional[float] = None
     extra: Dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -124,6 +132,12 @@ class QuantSpec:
         if self.quantizer not in QUANTIZERS:
             raise QuantError(f"unknown --quantizer {self.quantizer!r}: choose one of {', '.join(QUANTIZERS)}")
         self._check_learned_bits()
+        if self.drop_rate is not None:
+            if self.quantizer != "cpq":
+                raise QuantError(f"--drop-rate sets CPQ's DropBits; it does not apply to --quantizer {self.quantizer}")
+            if isinstance(self.drop_rate, bool) or not 0.0 <= float(self.drop_rate) < 1.0:
+                raise QuantError(f"--drop-rate must be in [0, 1) (the probability of dropping each droppable bit;"
+                                 f" 0 turns DropBits off), got {self.drop_rate!r}")
         if self.quantizer != "daq" and self.framework not in ("fx", "brevitas"):
             raise QuantError(f"--quantizer {self.quantizer} is wired for --framework fx and brevitas, not"
                              f" {self.framework!r} (a baseline with its own quantizer)")
@@ -213,8 +227,8 @@ def prepare(model: nn.Module, spec: QuantSpec, example_inputs) -> nn.Module:
     kwargs = {}
     if spec.quantizer in ("n2uq", "cpq"):
         kwargs["quantizer"] = spec.quantizer
-    if spec.learn_bits:
-        kwargs["family_options"] = {"learn_bits": True}
+    if spec.quantizer == "cpq" and (spec.learn_bits or spec.drop_rate is not None):
+        kwargs["family_options"] = {"learn_bits": spec.learn_bits, **_cpq_options(spec)}
     if spec.framework == "brevitas-stock":
         from .baselines import brevitas_stock_quantizers
 

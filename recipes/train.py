@@ -133,6 +133,9 @@ def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
     g.add_argument("--target-avg-bits", type=parse_target_bits, default=None,
                    help="cpq --learn-bits: target average bit-widths (size-weighted), reached by adjusting λ: 4"
                         " (weights and activations), W3A4 or 3,4")
+    g.add_argument("--drop-rate", type=float, default=None,
+                   help="cpq: DropBits's probability of dropping each droppable bit while training (0: off; with"
+                        " --learn-bits the gates' initial drop probability); default: daq_core.cpq.DEFAULT_DROP_RATE")
     g.add_argument("--gate-lr", type=float, default=1e-2, help="cpq --learn-bits: Adam lr of the bit gates")
     g.add_argument("--rounding", default="dasr", choices=quant_mod.ROUNDINGS,
                    help="fx DAQ only: dasr (DAQ); the paper's ablations ste (DAQ with a straight-through gradient)"
@@ -712,7 +715,7 @@ class Pipeline:
             self.spec = quant_mod.QuantSpec(a.framework, w, ab, self.float_layers, rounding=a.rounding, beta=a.beta,
                                             quantizer=a.quantizer, intermediate_act_bits=a.intermediate_act_bits,
                                             learn_bits=a.learn_bits, bit_regularization=a.bit_regularization,
-                                            target_weight_bits=target[0],
+                                            target_weight_bits=target[0], drop_rate=a.drop_rate,
                                             target_act_bits=None if ab >= 32 else target[1])
             self.budget = quant_mod.bit_budget(self.spec)
         except quant_mod.QuantError as e:
@@ -903,6 +906,7 @@ def write_report(p: Pipeline) -> Dict:
         "float_latency_ms": r.get("float_latency_ms"), "latency_setup": r.get("latency_setup"),
         "artifacts": r.get("artifacts", {}), "wall_s": r.get("wall_s", {}),
         "learn_bits": bool(getattr(a, "learn_bits", False)), "bit_regularization": getattr(a, "bit_regularization", 0.0),
+        "drop_rate": getattr(a, "drop_rate", None),
         "target_avg_bits": ({"weight": a.target_avg_bits[0], "activation": a.target_avg_bits[1]}
                             if getattr(a, "target_avg_bits", None) else None),
         "layer_bits": r.get("layer_bits"), "avg_bits": r.get("avg_bits"), "bit_projection": r.get("bit_projection"),

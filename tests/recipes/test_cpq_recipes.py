@@ -73,6 +73,8 @@ def test_fixed_bit_cpq_fx_runs_and_converts(tiny_data, tmp_path):
     (["--learn-bits", "--bit-regularization", "-1"], "--bit-regularization must be a finite number >= 0"),
     (["--learn-bits", "--target-avg-bits", "W6A4", "--bits", "W4A4"], "learned bit-widths only drop bits"),
     (["--target-avg-bits", "4"], "add --learn-bits"),
+    (["--drop-rate", "1.5"], "--drop-rate must be in [0, 1)"),
+    (["--drop-rate", "-0.1"], "--drop-rate must be in [0, 1)"),
 ])
 def test_bad_bit_width_settings_are_refused(capsys, tiny_data, tmp_path, extra, message):
     args = base_args(tiny_data, tmp_path / "out", "--framework", "fx", "--quantizer", "cpq", "--bits", "W8A8",
@@ -91,3 +93,27 @@ def test_learned_bits_on_a_backend_that_cannot_hold_them(capsys, tiny_data, tmp_
                      "--float-epochs", "0")
     assert resnet20_cifar10.main(args) == 2
     assert "--learn-bits needs --quantizer cpq" in capsys.readouterr().err
+
+
+def test_drop_rate_is_refused_outside_cpq(capsys, tiny_data, tmp_path):
+    args = base_args(tiny_data, tmp_path / "out", "--framework", "fx", "--bits", "W4A4", "--drop-rate", "0",
+                     "--float-epochs", "0")
+    assert resnet20_cifar10.main(args) == 2
+    assert "--drop-rate sets CPQ's DropBits" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("framework", ["fx", "brevitas"])
+@pytest.mark.parametrize("drop_rate", [None, 0.0, 0.03])
+def test_drop_rate_reaches_every_quantizer(framework, drop_rate):
+    """--drop-rate sets DropBits's rate of every CPQ quantizer in both plugins (None: the library default)."""
+    import torch
+    from daq_core import cpq
+    from daq_core.family import FamilyStateMixin
+    from recipes import models, quant
+
+    if framework == "brevitas":
+        pytest.importorskip("brevitas")
+    spec = quant.QuantSpec(framework, 4, 4, quantizer="cpq", drop_rate=drop_rate)
+    qat = quant.prepare(models.create_model("resnet20_cifar", 10), spec, (torch.randn(1, 3, 32, 32),))
+    rates = {m.drop_rate for m in qat.modules() if isinstance(m, FamilyStateMixin) and m.family is cpq.CPQ}
+    assert rates == {cpq.DEFAULT_DROP_RATE if drop_rate is None else drop_rate}
