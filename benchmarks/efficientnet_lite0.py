@@ -10,6 +10,10 @@ For each bit-width, the QAT model's outputs are compared with: the FX int8 model
 (``daq_fx.export_onnx``), and (``--compiled``) the compiled pt2e int8 model
 (``daq_fx.pt2e.compile_x86``, from its own pt2e QAT model).
 
+``--noise-floor`` also runs each QAT model in float64: how often the QAT model in float32 disagrees
+with itself in float64 is the agreement no integer path can be expected to beat on these images
+(near-tie codes flip with the arithmetic; see docs/deploy.md).
+
 ``--bisect`` compares the FX int8 model with the QAT model layer by layer: for every activation
 quantizer, the fraction of codes that differ (dequantized int8 vs fake-quantized QAT, more than half
 a step apart), in graph order; the first layer that differs is where the paths split.
@@ -17,7 +21,7 @@ a step apart), in graph order; the first layer that differs is where the paths s
 Usage::
 
     python -m benchmarks.efficientnet_lite0 --weights ~/.cache/daq/efficientnet-lite0/efficientnet-lite0-57934424.pth \\
-        --bits W7A8,W6A8,W4A4 --images 256 [--bisect] [--compiled] [--output results.json]
+        --bits W7A8,W6A8,W4A4 --images 256 [--noise-floor] [--bisect] [--compiled] [--output results.json]
 """
 
 from __future__ import annotations
@@ -144,6 +148,12 @@ def run(args) -> dict:
         int8 = daq_fx.convert_fx(qat, example_inputs=(calibration[:2],))
         row = {"bits": spec.strip(), "float_vs_qat_top1": daq_fx.output_agreement(float_out, expected)["top1"]}
         row["fx_int8"] = daq_fx.output_agreement(expected, _batched(int8, x))
+        if args.noise_floor:
+            # the QAT model's own float32 noise: the same model in float64 (closer to the exact real-number
+            # computation that the int model's integer accumulation also approximates)
+            exact = _batched(copy.deepcopy(qat).double(), x.double()).float()
+            row["qat_fp32_vs_fp64"] = daq_fx.output_agreement(exact, expected)
+            row["fx_int8_vs_qat_fp64"] = daq_fx.output_agreement(exact, _batched(int8, x))
         session = export_onnx.ort_session(export_onnx.export_qdq_onnx(int8, (calibration[:2],)), args.threads)
         ort_out = torch.cat([export_onnx.ort_run(session, x[i:i + 32])[0] for i in range(0, len(x), 32)])
         row["ort_int8"] = daq_fx.output_agreement(expected, ort_out)
@@ -166,7 +176,8 @@ def run(args) -> dict:
         print(f"{row['bits']}: float vs QAT top-1 {row['float_vs_qat_top1']:.3f}; int vs QAT (top-1 / cosine /"
               f" bit-exact samples): " + "; ".join(
                   f"{k} {row[k]['top1']:.4f} / {row[k]['cosine']:.6f} / {row[k]['bit_exact_samples']:.3f}"
-                  for k in ("fx_int8", "ort_int8", "compiled_int8") if k in row)
+                  for k in ("fx_int8", "ort_int8", "compiled_int8", "qat_fp32_vs_fp64", "fx_int8_vs_qat_fp64")
+                  if k in row)
               + (f"; first differing layer {row['bisect_first']}" if args.bisect else "")
               + f" ({row['wall_s']:.0f} s)", flush=True)
     return results
@@ -180,10 +191,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--images", type=int, default=256, help="compared images (after 64 for initialisation)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--bisect", action="store_true")
+    parser.add_argument("--noise-floor", action="store_true",
+                        help="also run each QAT model in float64: QAT float32 vs float64 agreement (the QAT model's own"
+                             " near-tie noise) and FX int8 vs the float64 QAT model")
     parser.add_argument("--compiled", action="store_true", help="also the compiled pt2e int8 path (slow)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     results = run(args)
+    results["command"] = "python -m benchmarks.efficientnet_lite0 " + " ".join(
+        sys.argv[1:] if argv is None else list(argv))
+    results["torch"] = torch.__version__
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(results, indent=2) + "\n")

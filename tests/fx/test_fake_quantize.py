@@ -161,3 +161,28 @@ def test_bad_arguments_name_themselves():
         DAQFakeQuantize(init="minmax")
     with pytest.raises(ValueError, match="gamma"):
         DAQFakeQuantize(gamma=-1.0)
+
+
+@pytest.mark.parametrize("role", ["weight", "activation"])
+def test_a_float64_copy_computes_the_same_codes_away_from_ties(role):
+    """``copy.deepcopy(qat).double()`` (benchmarks.efficientnet_lite0 --noise-floor) keeps the quantizer's
+    grid: in float64 the codes equal the float32 ones except where x/scale sits within float32 error of
+    a rounding boundary."""
+    import copy
+
+    torch.manual_seed(0)
+    if role == "weight":
+        fq = DAQFakeQuantize(role="weight", bits=4, ch_axis=0)
+        x = torch.randn(16, 8, 3, 3)
+    else:
+        fq = DAQFakeQuantize(role="activation", bits=4)
+        x = torch.randn(4, 8, 16, 16).relu()
+    y32 = fq(x).detach()
+    fq64 = copy.deepcopy(fq).double()
+    y64 = fq64(x.double()).detach()
+    assert y64.dtype == torch.float64
+    scale = float(fq.calculate_qparams()[0].min())
+    differ = ((y64 - y32.double()).abs() > 1e-3 * scale).double().mean().item()
+    assert differ < 1e-3, differ                     # only rare near-ties may flip
+    same = (y64 - y32.double()).abs() <= 1e-3 * scale
+    assert torch.allclose(y64[same].float(), y32[same], rtol=1e-5, atol=1e-6)
