@@ -22,6 +22,7 @@ at its float statistics — and only the quantizer differs:
 ``cpq-fx-p0``       the same with DropBits off (``--drop-rate 0``, chosen on the carved split)
 ``cpq-fx-learned``  CPQ with learned per-layer bit-widths (largest W8A8) whose size-weighted
                     average is held at the row's W/A bits (``--target-avg-bits``)
+``cpq-fx-learned-p001``  the same with the gates starting at a 0.01 drop rate (``--drop-rate 0.01``)
 ==================  ====================================================================
 
 The float model is the shared pretrained checkpoint fine-tuned for ``--float-epochs`` on the
@@ -76,6 +77,10 @@ METHODS: Dict[str, List[str]] = {
     # {bits}: the row's bit-widths become the target averages; W8A8 the largest bit-widths
     "cpq-fx-learned": ["--framework", "fx", "--quantizer", "cpq", "--learn-bits", "--bits", "W8A8",
                        "--target-avg-bits", "{bits}", "--gate-lr", "0.05"],
+    # the gates dropping at P(z > 0) (not at a hard-concrete sample) and starting at a 0.01 drop rate: the
+    # smallest non-zero rate of the carved-split grid (benchmarks.cpq_drop_rate; 0 is not a gate)
+    "cpq-fx-learned-p001": ["--framework", "fx", "--quantizer", "cpq", "--learn-bits", "--bits", "W8A8",
+                            "--target-avg-bits", "{bits}", "--gate-lr", "0.05", "--drop-rate", "0.01"],
 }
 DESCRIPTIONS = {
     "daq-fx": "DAQ (daq_fx, torch.ao FX → x86 int8)",
@@ -91,6 +96,7 @@ DESCRIPTIONS = {
     "cpq-fx": "CPQ (reconstructed from the abstract; daq_fx → x86 int8)",
     "cpq-fx-p0": "CPQ, DropBits off (p = 0, chosen on the carved split)",
     "cpq-fx-learned": "CPQ, learned per-layer bit-widths at that average (reconstructed; daq_fx → x86 int8)",
+    "cpq-fx-learned-p001": "CPQ, learned bit-widths, gates starting at a 0.01 drop rate",
 }
 #: the baselines' signed weight range has no 1-bit grid ({-1, 0}); A32 = float activations (fx only)
 ONLY_2BIT_UP = ("torchao-ste", "lsq", "brevitas-ste")

@@ -540,7 +540,12 @@ class CPQFamily(QuantizerFamily):
             return None
         gates = getattr(state, "gate_logits", None)
         if gates is not None:
-            return nested_keep(hard_concrete_sample(gates, training=True))
+            # bit j is dropped with probability 1 - P(z_j > 0): the rate the regulariser and the read-out
+            # use. (Using a hard-concrete *sample* z_j as the keep rate dropped far more: the samples lie
+            # mostly inside (0, 1), and at the initial 8-bit gates 73% of the elements lost >= 1 bit and
+            # 3.5% all seven; the learned W4A4 row fell to chance. The per-element Bernoulli draw is
+            # the noise; the gates get the gradient of the expected output through P(z_j > 0).)
+            return nested_keep(keep_probability(gates))
         if state.drop_rate == 0.0:
             return None
         rates = torch.full((state.bits - 1,), 1.0 - state.drop_rate, device=state.log_step.device)
