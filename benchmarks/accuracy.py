@@ -22,7 +22,7 @@ at its float statistics — and only the quantizer differs:
 ``cpq-fx-p0``       the same with DropBits off (``--drop-rate 0``, chosen on the carved split)
 ``cpq-fx-learned``  CPQ with learned per-layer bit-widths (largest W8A8) whose size-weighted
                     average is held at the row's W/A bits (``--target-avg-bits``)
-``cpq-fx-learned-p001``  the same with the gates starting at a 0.01 drop rate (``--drop-rate 0.01``)
+``cpq-fx-learned-p001`` the same, gates starting at a 0.01 drop rate (``--drop-rate 0.01``)
 ==================  ====================================================================
 
 The float model is the shared pretrained checkpoint fine-tuned for ``--float-epochs`` on the

@@ -27,9 +27,10 @@ Notation (CPQ-SPEC §1-6), ``b`` the configured (largest) bit-width:
   over that coarser grid (renormalised: it sums to 1), so the forward is the nearest point of the
   coarser grid and the STE runs over it;
 * learned bit-widths: per droppable bit ``j`` a hard-concrete keep gate ``z_j`` (Louizos et al.,
-  ICLR 2018; temperature 2/3, stretch (-0.1, 1.1)) whose sample is the keep rate of bit ``j`` in
-  training; regulariser ``λ Σ_layers size_l Σ_j P(z_j > 0)``; bit ``j`` is kept iff
-  ``P(z_j > 0) >= 0.5`` and the bit-width is ``b - d`` with ``d`` the nested drop count.
+  ICLR 2018; temperature 2/3, stretch (-0.1, 1.1)) whose ``P(z_j > 0)`` is the keep rate of bit ``j``
+  in training (the per-element Bernoulli draw is the noise); regulariser
+  ``λ Σ_layers size_l Σ_j P(z_j > 0)``; bit ``j`` is kept iff ``P(z_j > 0) >= 0.5`` and the
+  bit-width is ``b - d`` with ``d`` the nested drop count.
 """
 
 from __future__ import annotations
