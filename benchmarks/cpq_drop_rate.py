@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import io
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def run_rate(rate, args, method: str = "cpq") -> dict:
 
 
 def main(argv=None) -> dict:
-    argv = list(argv if argv is not None else __import__("sys").argv[1:])
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--rates", default="0,0.01,0.03,0.1", help="DropBits rates p_j to compare")
@@ -99,19 +100,19 @@ def main(argv=None) -> dict:
     path = Path(args.output)
     rows = json.loads(path.read_text())["rows"] if path.is_file() else []
     for method, rate in [("cpq", r) for r in rates] + [(b, None) for b in baselines]:
-        if any(r.get("method", "cpq") == method and r["drop_rate"] == rate and r["bits"] == args.bits
+        if any(r["method"] == method and r["drop_rate"] == rate and r["bits"] == args.bits
                and r["steps"] == args.steps for r in rows):
             continue
         row = run_rate(rate, args, method)
         rows.append(row)
-        rows.sort(key=lambda r: (r["bits"], r["steps"], r.get("method", "cpq"), r["drop_rate"] or 0.0))
+        rows.sort(key=lambda r: (r["bits"], r["steps"], r["method"], r["drop_rate"] or 0.0))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
         label = f"CPQ p = {rate:g}" if method == "cpq" else method
         print(f"{label}: carved top-1 after prepare {row['after_prepare_acc']:.2f}% -> after {args.steps} QAT steps"
               f" {row['qat_acc']:.2f}% (train-mode accuracy while training {row['train_acc_in_train_mode']:.1f}%)",
               flush=True)
-    best = max((r for r in rows if r.get("method", "cpq") == "cpq" and r["bits"] == args.bits
+    best = max((r for r in rows if r["method"] == "cpq" and r["bits"] == args.bits
                 and r["steps"] == args.steps), key=lambda r: r["qat_acc"])
     print(f"best on the carved split: p = {best['drop_rate']:g} ({best['qat_acc']:.2f}%)")
     return {"rows": rows, "best": best}
