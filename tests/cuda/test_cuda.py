@@ -1,4 +1,4 @@
-"""GPU readiness (issue 19): DAQ and N2UQ on CUDA agree with CPU; compiled kernels; DDP; QAT on CUDA.
+"""GPU readiness (issue 19): DAQ, N2UQ and CPQ on CUDA agree with CPU; compiled kernels; DDP; QAT on CUDA.
 
 Skipped as a whole where ``torch.cuda.is_available()`` is false. Run on a GPU machine with
 ``scripts/gpu_check.sh`` (or ``python -m pytest -q tests/cuda --run-slow``); docs/gpu.md.
@@ -342,6 +342,69 @@ def test_fx_n2uq_matches_cpu(role):
     terms = gx_c.abs().sum() * 10 + 2 * g.abs().sum()
     for name in gp_c:
         _param_close(gp_c[name], gp_g[name], terms, name)
+
+
+# ----------------------------------------------------------------------------------------------
+# CPQ
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("role", ["weight", "activation"])
+def test_fx_cpq_matches_cpu(role):
+    """Fixed bits, DropBits off: the same codes away from ties, the multi-class STE's gradients to 1e-5."""
+    from daq_fx import CPQFakeQuantize
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 8, 3, 3) * 0.1 if role == "weight" else torch.randn(8, 16, 10, 10).relu()
+    fq_cpu = CPQFakeQuantize(role, 4, ch_axis=0 if role == "weight" else None, drop_rate=0.0)
+    fq_cpu(x)                                           # first batch: the step, on the CPU
+    fq_gpu = copy.deepcopy(fq_cpu).to(CUDA)
+    step = fq_cpu.family.effective_step(fq_cpu).detach()
+    step = step.reshape(-1, 1, 1, 1) if step.numel() > 1 else step
+    lo, hi = fq_cpu.family.int_range(fq_cpu) if role == "weight" else (0, 15)
+    t = x.double() / step.double()
+    mask = _away_from_ties(t) & ((t - lo).abs() > TIE_TOL) & ((t - hi).abs() > TIE_TOL) | (t == 0)
+    with torch.no_grad():
+        codes_cpu = torch.round(fq_cpu(x) / step).long()
+        codes_gpu = torch.round(fq_gpu(x.to(CUDA)) / step.to(CUDA)).long()
+    _codes_match(codes_cpu, codes_gpu, mask)
+    g = _grad_y(x.shape)
+    _, gx_c, gp_c = _run(fq_cpu, x, g)
+    _, gx_g, gp_g = _run(fq_gpu, x.to(CUDA), g)
+    _elementwise_close(gx_c, gx_g, mask, "CPQ grad x")
+    assert set(gp_c) == set(gp_g) and "log_step" in gp_c
+    terms = (gx_c.abs() * x.abs()).sum() * 10 + 16 * g.abs().sum() * step.max()
+    for name in gp_c:
+        _param_close(gp_c[name], gp_g[name], terms / step.min(), name)
+
+
+def test_fx_cpq_learned_bits_train_on_cuda():
+    """Learned bit-widths on the GPU: state and gates on the input's device, DropBits keeps nested
+    grid points only, the gates get gradients, eval drops nothing beyond the read-out."""
+    from daq_fx import CPQFakeQuantize
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, 10, 10, device=CUDA).relu()
+    fq = CPQFakeQuantize("activation", 8, learn_bits=True, drop_rate=0.3).to(CUDA)
+    y = fq(x.requires_grad_(True))                      # first batch on the GPU: initialises there
+    _state_on(fq, CUDA.type)
+    assert y.device.type == CUDA.type
+    step = fq.family.effective_step(fq).detach()
+    codes = torch.round(y.detach() / step)
+    assert bool(torch.allclose(codes * step, y.detach(), rtol=0, atol=1e-6 * float(step)))
+    # each element sits on the grid of its own drop count d (codes divisible by 2^d) and the draw
+    # differs between elements: some codes are odd (d = 0), some are not (coarser grids)
+    odd = codes.remainder(2) == 1
+    assert 0 < float(odd.float().mean()) < float((codes > 0).float().mean())
+    (y * _grad_y(y.shape).to(CUDA)).sum().backward()
+    assert fq.gate_logits.grad is not None and fq.gate_logits.grad.device.type == CUDA.type
+    assert bool(torch.isfinite(fq.gate_logits.grad).all()) and bool((fq.gate_logits.grad != 0).any())
+    fq.eval()
+    with torch.no_grad():
+        y_eval = fq(x)
+        again = fq(x)
+    assert torch.equal(y_eval, again)                   # no random drops in eval
+    scale, zero_point = fq.calculate_qparams()
+    assert scale.device.type == CUDA.type and zero_point.device.type == CUDA.type
 
 
 # ----------------------------------------------------------------------------------------------
