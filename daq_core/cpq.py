@@ -67,6 +67,10 @@ __all__ = [
 
 #: fixed-bit mode: the drop rate ``p_j`` of every droppable bit (CPQ-SPEC §5)
 DEFAULT_DROP_RATE = 0.1
+#: learned bit-widths: the fewest bits a layer may learn, per role (``min_bits``). Weights stop at 2: the
+#: signed 1-bit grid ``{-1, 0}`` (CPQ-SPEC §1) has no positive weight, and a learned W4A4 ResNet-20 whose
+#: last conv fell to it predicted one class. Activations may reach the unsigned 1-bit grid ``{0, 1}``.
+DEFAULT_MIN_LEARNED_BITS = {"weight": 2, "activation": 1}
 #: the multi-class STE's window: grid points within ``±m`` of the chosen one (CPQ-SPEC §4)
 DEFAULT_WINDOW = 3
 #: the logistic noise scale at initialisation, in steps: ``σ = 0.5 α`` gives a gradient of about 1
@@ -79,6 +83,9 @@ _HC_SHIFT = HC_BETA * math.log(-HC_GAMMA / HC_ZETA)
 MIN_LAMBDA, MAX_LAMBDA = 1e-4, 1e4
 #: initial gate logits rise by this much per bit (LSB lowest): see CPQFamily.create_state
 GATE_LOGIT_STEP = 0.5
+#: a fixed (hardened) gate's logit, ``±HARD_GATE_LOGIT``: ``P(z > 0)`` is then exactly 1 or 0 in float32
+#: (the sigmoid saturates / underflows), so the training forward is the read-out's (:func:`fix_bit_widths`)
+HARD_GATE_LOGIT = 1.0e4
 #: the smallest step the forward uses (float32 eps, as the int backends' observers)
 MIN_STEP = float(torch.finfo(torch.float32).eps)
 
@@ -300,8 +307,9 @@ def cpq_fake_quantize(x: torch.Tensor, step, sigma, bits: int, signed: bool = Tr
     sigma = _shaped(sigma, x, ch_axis, "sigma")
     if keep is not None:
         check_floating(keep, "keep")
-        if keep.numel() != bits - 1:
-            raise ValueError(f"keep holds {keep.numel()} probabilities; a {bits}-bit grid has {bits - 1} droppable bits")
+        if not 1 <= keep.numel() <= bits - 1 and bits > 1:
+            raise ValueError(f"keep holds {keep.numel()} probabilities; a {bits}-bit grid has 1 to {bits - 1} droppable"
+                             f" bits (the lowest ones)")
         if bits == 1:
             keep = None
     if keep is None:
@@ -410,11 +418,16 @@ def drop_bits_from_gates(gate_logits: torch.Tensor) -> int:
     return 0 if dropped.numel() == 0 else int(dropped.max().item()) + 1
 
 
+def gates_fixed(gate_logits: torch.Tensor) -> bool:
+    """True when every gate is fixed at keep or drop (``|log α| >= HARD_GATE_LOGIT``: :func:`fix_bit_widths`)."""
+    return bool((gate_logits.detach().abs() >= HARD_GATE_LOGIT).all())
+
+
 def expected_bits(bits: int, keep_probs: torch.Tensor) -> torch.Tensor:
     """``b - E[d]`` with bit ``j`` kept with probability ``keep_probs[j]`` (nested drops)."""
     if keep_probs.numel() == 0:
         return torch.tensor(float(bits))
-    return 1.0 + nested_keep(keep_probs).sum()
+    return (bits - keep_probs.numel()) + nested_keep(keep_probs).sum()
 
 
 # --------------------------------------------------------------------------------------
@@ -467,9 +480,11 @@ class CPQFamily(QuantizerFamily):
             initial drop probability with ``learn_bits``.
         window: ``m`` of the multi-class STE.
         init_sigma: ``σ / α`` at initialisation.
+        min_bits: learned bit-widths: the fewest bits the read-out may reach (None: 2 for weights,
+            1 for activations, :data:`DEFAULT_MIN_LEARNED_BITS`); one gate per droppable bit above it.
 
     State: ``log_step`` (``log α``; ``(1,)`` or per channel), ``log_sigma`` (``log(σ/α)``, per tensor: σ is
-    measured in steps so that per-channel steps share it), ``gate_logits`` (``(b-1,)``, learned
+    measured in steps so that per-channel steps share it), ``gate_logits`` (``(b - min_bits,)``, learned
     bit-widths only) and the buffer ``size`` (the weight count, or the activation's elements per
     sample: the regulariser's ``size_l``).
     """
@@ -481,14 +496,20 @@ class CPQFamily(QuantizerFamily):
     learns_bits = True
 
     def configure(self, state, learn_bits: bool = False, drop_rate: float = DEFAULT_DROP_RATE,
-                  window: int = DEFAULT_WINDOW, init_sigma: float = DEFAULT_RELATIVE_SIGMA) -> None:
+                  window: int = DEFAULT_WINDOW, init_sigma: float = DEFAULT_RELATIVE_SIGMA,
+                  min_bits: Optional[int] = None) -> None:
         if not isinstance(learn_bits, bool):
             raise TypeError(f"learn_bits must be True or False, got {learn_bits!r}")
         if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"drop_rate must be a number in [0, 1) (DropBits's per-bit drop probability), got {drop_rate!r}")
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive integer, got {window!r}")
+        if min_bits is not None and (isinstance(min_bits, bool) or not isinstance(min_bits, int)
+                                     or not 1 <= min_bits <= state.bits):
+            raise ValueError(f"min_bits must be an integer in [1, bits={state.bits}] (the fewest bits a learned"
+                             f" bit-width may reach), got {min_bits!r}")
         state.learn_bits = learn_bits
+        state.min_bits = min(state.bits, min_bits if min_bits is not None else DEFAULT_MIN_LEARNED_BITS[state.role])
         state.drop_rate = float(drop_rate)
         state.window = window
         state.init_sigma = check_positive(init_sigma, "init_sigma")
@@ -500,12 +521,13 @@ class CPQFamily(QuantizerFamily):
         # units; lr 1e-3 on α itself moved them by ~5% a step and a 1-epoch ResNet-20 QAT fell 81 -> 58%)
         state.log_step = nn.Parameter(torch.zeros(1, device=device))
         state.log_sigma = nn.Parameter(torch.full((1,), math.log(state.init_sigma), device=device))
-        if state.learn_bits and state.bits > 1:
+        if state.learn_bits and state.bits > state.min_bits:
             # ordered gates: the LSB's keep probability is 1 - drop_rate, each higher bit's logit GATE_LOGIT_STEP
             # above, so the regulariser removes bits from the bottom one at a time (equal gates would all cross
             # the threshold together and the nested read-out would fall from b bits to 1 at once)
             logit = gate_logits_for(1.0 - (state.drop_rate or DEFAULT_DROP_RATE))
-            logits = logit + GATE_LOGIT_STEP * torch.arange(state.bits - 1, dtype=torch.float32)
+            # one gate per droppable bit: bits 0 .. b - min_bits - 1 (the read-out never goes below min_bits)
+            logits = logit + GATE_LOGIT_STEP * torch.arange(state.bits - state.min_bits, dtype=torch.float32)
             state.gate_logits = nn.Parameter(logits.to(device))
         state.register_buffer("size", torch.ones(1, device=device))
 
@@ -541,6 +563,8 @@ class CPQFamily(QuantizerFamily):
             return None
         gates = getattr(state, "gate_logits", None)
         if gates is not None:
+            if gates_fixed(gates):
+                return None     # bit-widths fixed (fix_bit_widths): train at the read-out, no random drops
             # bit j is dropped with probability 1 - P(z_j > 0): the rate the regulariser and the read-out
             # use. (Using a hard-concrete *sample* z_j as the keep rate dropped far more: the samples lie
             # mostly inside (0, 1), and at the initial 8-bit gates 73% of the elements lost >= 1 bit and
@@ -653,6 +677,38 @@ def bit_regularizer(model, strength) -> torch.Tensor:
 
 
 @torch.no_grad()
+def fix_bit_widths(model) -> Dict[str, int]:
+    """End the bit-width search: fix every CPQ quantizer at its read-out bit-width (CPQ-SPEC §6).
+
+    Each gate becomes ``±HARD_GATE_LOGIT`` (kept iff ``P(z_j > 0) >= 0.5``, nested as the read-out):
+    ``P(z > 0)`` is then exactly 1 or 0, DropBits draws nothing, and the training forward equals the
+    eval forward at the learned bit-width, so training can go on at the mixed bit-widths the search
+    chose. (While the gates still learn, the gates nearest to the threshold keep ``P(z > 0)`` near
+    0.5 and drop that bit on about half the elements of every step; see docs/cpq.md.) The gates'
+    gradients vanish (the sigmoid saturates). Idempotent; returns ``{quantizer name: bit-width}``.
+
+    Example:
+        >>> fixed = fix_bit_widths(model)    # after BitBudget.project(model)   # doctest: +SKIP
+    """
+    out = {}
+    for name, m in _cpq_states(model).items():
+        gates = getattr(m, "gate_logits", None)
+        if gates is None:
+            continue
+        d = CPQ.drop_bits(m)
+        gates[:d] = -HARD_GATE_LOGIT
+        gates[d:] = HARD_GATE_LOGIT
+        out[name] = m.bits - d
+    return out
+
+
+def bit_widths_fixed(model) -> bool:
+    """True when the model has learned-bit CPQ quantizers and all are fixed (:func:`fix_bit_widths`)."""
+    gates = [m.gate_logits for m in _cpq_states(model).values() if getattr(m, "gate_logits", None) is not None]
+    return bool(gates) and all(gates_fixed(g) for g in gates)
+
+
+@torch.no_grad()
 def average_bits(model, role: str, expected: bool = False) -> Optional[float]:
     """The size-weighted average bit-width of the role's CPQ quantizers (read-out, or expected)."""
     states = [m for m in _cpq_states(model).values() if m.role == role and bool(m.initialized[0])]
@@ -745,7 +801,7 @@ class BitBudget:
                 if avg > target:
                     # drop the next bit of the layer whose lowest kept gate is the least sure
                     cands = [(float(keep_probability(m.gate_logits[CPQ.drop_bits(m)])), m)
-                             for m in states if m.bit_width > 1]
+                             for m in states if CPQ.drop_bits(m) < m.gate_logits.numel()]
                     if not cands:
                         break
                     _, m = min(cands, key=lambda c: c[0])
@@ -794,7 +850,8 @@ def check_target_bits(value, name: str = "target bits") -> Optional[float]:
     return float(value)
 
 
-__all__ += ["check_regularization", "check_target_bits", "expected_bits", "gate_logits_for", "MIN_STEP", "step_of"]
+__all__ += ["check_regularization", "check_target_bits", "expected_bits", "gate_logits_for", "MIN_STEP", "step_of",
+            "fix_bit_widths", "bit_widths_fixed", "gates_fixed", "HARD_GATE_LOGIT"]
 
 
 def step_of(state) -> torch.Tensor:

@@ -54,6 +54,8 @@ class CPQFakeQuantize(FamilyFakeQuantize):
             the gates' initial drop probability.
         window: ``m`` of the windowed multi-class STE.
         init_sigma: ``σ/α`` at initialisation.
+        min_bits: with ``learn_bits``, the fewest bits a layer may learn (default 2 for weights: the
+            signed 1-bit grid ``{-1, 0}`` has no positive weight; 1 for activations).
         factory_kwargs: torch.ao passes ``{"device": ..., "dtype": ...}``; the device is used.
 
     Learned parameters (see :func:`daq_fx.quantizer_parameters`): ``step`` (``α``), ``log_sigma``
@@ -74,9 +76,9 @@ class CPQFakeQuantize(FamilyFakeQuantize):
     def __init__(self, role: str = ACTIVATION, bits: int = 4, ch_axis: Optional[int] = None,
                  signed: Optional[bool] = None, learn_bits: bool = False, drop_rate: float = DEFAULT_DROP_RATE,
                  window: int = DEFAULT_WINDOW, init_sigma: float = DEFAULT_RELATIVE_SIGMA,
-                 factory_kwargs: Optional[dict] = None) -> None:
+                 min_bits: Optional[int] = None, factory_kwargs: Optional[dict] = None) -> None:
         super().__init__(CPQ, role, bits, ch_axis, signed, factory_kwargs, learn_bits=learn_bits,
-                         drop_rate=drop_rate, window=window, init_sigma=init_sigma)
+                         drop_rate=drop_rate, window=window, init_sigma=init_sigma, min_bits=min_bits)
 
 
 def get_cpq_qconfig(weight_bits: int = 4, act_bits: int = 4, per_channel: bool = True, learn_bits: bool = False,

@@ -181,6 +181,11 @@ class QuantSpec:
         if self.act_bits >= 32 and targets["activation"] is not None:
             raise QuantError("a target activation bit-width needs quantized activations: --bits WxA32 keeps them"
                              " in float")
+        floor = cpq.DEFAULT_MIN_LEARNED_BITS["weight"]
+        if targets["weight"] is not None and targets["weight"] < floor:
+            raise QuantError(f"--target-avg-bits asks {targets['weight']:g} weight bits on average, but learned weight"
+                             f" bit-widths stop at {floor} (CPQ's signed 1-bit grid {{-1, 0}} has no positive weight);"
+                             f" ask {floor} or more, or train 1-bit weights with fixed bits (--quantizer daq: ±1)")
         for role, maximum in (("weight", self.weight_bits), ("activation", self.act_bits)):
             if targets[role] is not None and targets[role] > maximum:
                 raise QuantError(f"--target-avg-bits asks {targets[role]:g} {role} bits on average, above the"

@@ -137,6 +137,10 @@ def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
                    help="cpq: DropBits's probability of dropping each droppable bit while training (0: off; with"
                         " --learn-bits the gates' initial drop probability); default: daq_core.cpq.DEFAULT_DROP_RATE")
     g.add_argument("--gate-lr", type=float, default=1e-2, help="cpq --learn-bits: Adam lr of the bit gates")
+    g.add_argument("--bit-search-fraction", type=float, default=1.0,
+                   help="cpq --learn-bits: the fraction of the QAT steps in which the bit gates learn; then every"
+                        " layer's bit-width is fixed at its read-out (projected onto the targets) and training goes"
+                        " on at those bit-widths without DropBits. 1: the gates learn to the end")
     g.add_argument("--rounding", default="dasr", choices=quant_mod.ROUNDINGS,
                    help="fx DAQ only: dasr (DAQ); the paper's ablations ste (DAQ with a straight-through gradient)"
                         " and soft (fixed-temperature soft argmax in training, rounding at test time; needs --beta)")
@@ -435,6 +439,12 @@ class Pipeline:
             raise RecipeError(f"--bits W{w}A{ab} is out of range (weights 1..8, activations 1..8 or 32 for float)")
         if a.batch_size % self.dist.world:
             raise RecipeError(f"--batch-size {a.batch_size} is not divisible by the {self.dist.world} processes")
+        frac = getattr(a, "bit_search_fraction", 1.0)
+        if not (isinstance(frac, (int, float)) and 0.0 < frac <= 1.0):
+            raise RecipeError(f"--bit-search-fraction must be in (0, 1] (the share of the QAT steps in which the bit"
+                              f" gates learn), got {frac!r}")
+        if frac != 1.0 and not getattr(a, "learn_bits", False):
+            raise RecipeError("--bit-search-fraction applies to --quantizer cpq --learn-bits only")
         if a.compile_kernels:
             import daq_core
             daq_core.use_compiled_kernels(True)
@@ -579,6 +589,11 @@ class Pipeline:
             train_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=stage == "qat", **ddp_kw)
         else:
             train_model = model
+        # CPQ learned bit-widths: the gates learn for the first search_steps QAT steps, then the bit-widths are
+        # fixed (cpq.fix_bit_widths: the fixed gates persist in the model, so a resumed run sees them)
+        search_steps = None
+        if budget is not None and getattr(a, "bit_search_fraction", 1.0) < 1.0:
+            search_steps = max(1, int(round(a.bit_search_fraction * total)))
         from tqdm import tqdm
         for epoch in range(start_epoch, epochs):
             seed_everything(epoch_seed(a.seed, stage, epoch, self.dist.rank))
@@ -603,7 +618,8 @@ class Pipeline:
                         t_out = teacher(x)
                     loss = (1 - a.distill_alpha) * loss + a.distill_alpha * kd_loss(out, t_out, a.distill_temp)
                 task_loss = loss
-                if budget is not None:
+                searching = budget is not None and not self._bits_fixed(model)
+                if searching:
                     loss = loss + budget.penalty(model).to(loss.device)
                 if not torch.isfinite(loss):
                     raise RecipeError(f"{stage} epoch {epoch + 1} step {i}: loss is {loss.item()}; lower --lr /"
@@ -615,9 +631,11 @@ class Pipeline:
                     o.step()
                 for s in schedulers:
                     s.step()
-                if budget is not None:
+                if searching:
                     budget.update(model)
                 step += 1
+                if searching and search_steps is not None and step >= search_steps:
+                    self._fix_bit_widths(model, step)
                 if os.environ.get("DAQ_RECIPE_SIGINT_AT") == f"{stage}:{step}":  # test hook: Ctrl-C mid-epoch
                     os.kill(os.getpid(), signal.SIGINT)
                 bs = y.numel()
@@ -816,12 +834,32 @@ class Pipeline:
         self.results["int_backend"] = "QONNX (qonnx executor)"
 
     # ---- CPQ learned bit-widths ---------------------------------------------------------------
+    @staticmethod
+    def _bits_fixed(model: nn.Module) -> bool:
+        from daq_core import cpq
+
+        return cpq.bit_widths_fixed(unwrap(model))
+
+    def _fix_bit_widths(self, qat: nn.Module, step: int):
+        """End of the bit-width search (--bit-search-fraction): project onto the targets, fix the gates."""
+        from daq_core import cpq
+
+        model = unwrap(qat)
+        before = {role: cpq.average_bits(model, role) for role in ("weight", "activation")}
+        flipped = self.budget.project(model)
+        cpq.fix_bit_widths(model)
+        after = {role: cpq.average_bits(model, role) for role in ("weight", "activation")}
+        self.results["bit_projection"] = {"flipped": flipped, "avg_bits_before": before,
+                                          "lambda": dict(self.budget.strength), "fixed_at_step": step}
+        self.log(f"[qat] step {step}: bit-width search ends (--bit-search-fraction {self.args.bit_search_fraction});"
+                 f" average bits {before} -> {after} ({flipped} flipped); training goes on at these bit-widths")
+
     def _learned_bits(self, qat: nn.Module):
         """Meet the target averages (:meth:`daq_core.cpq.BitBudget.project`), record every layer's bit-widths."""
         from daq_core import cpq
 
         model = unwrap(qat)
-        if self.budget is not None:
+        if self.budget is not None and not cpq.bit_widths_fixed(model):
             before = {role: cpq.average_bits(model, role) for role in ("weight", "activation")}
             self.results["bit_projection"] = {"flipped": self.budget.project(model), "avg_bits_before": before,
                                               "lambda": dict(self.budget.strength)}
@@ -907,6 +945,7 @@ def write_report(p: Pipeline) -> Dict:
         "artifacts": r.get("artifacts", {}), "wall_s": r.get("wall_s", {}),
         "learn_bits": bool(getattr(a, "learn_bits", False)), "bit_regularization": getattr(a, "bit_regularization", 0.0),
         "drop_rate": getattr(a, "drop_rate", None),
+        "bit_search_fraction": getattr(a, "bit_search_fraction", 1.0) if getattr(a, "learn_bits", False) else None,
         "target_avg_bits": ({"weight": a.target_avg_bits[0], "activation": a.target_avg_bits[1]}
                             if getattr(a, "target_avg_bits", None) else None),
         "layer_bits": r.get("layer_bits"), "avg_bits": r.get("avg_bits"), "bit_projection": r.get("bit_projection"),

@@ -20,7 +20,7 @@ warnings.filterwarnings("ignore", message="Computing zero point of output accumu
 def _set_bits(state, bits):
     drop = state.bits - bits
     with torch.no_grad():
-        state.gate_logits.copy_(torch.tensor([-6.0 if j < drop else 6.0 for j in range(state.bits - 1)]))
+        state.gate_logits.copy_(torch.tensor([-6.0 if j < drop else 6.0 for j in range(state.gate_logits.numel())]))
 
 
 class _LearnedWeight(CPQWeightPerChannel):

@@ -135,10 +135,14 @@ def test_eval_never_drops_bits():
     assert not torch.equal(q(x), y)   # training drops bits (p = 0.5)
 
 
-def test_gate_probabilities_move_under_the_regularizer():
+@pytest.mark.parametrize("min_bits, floor, grid", [(None, 2, (-2, 1)), (1, 1, (-1, 0))])
+def test_gate_probabilities_move_under_the_regularizer(min_bits, floor, grid):
+    """The gates fall under the regulariser until every droppable bit is read out as dropped: weights stop
+    at 2 bits by default (the signed 1-bit grid {-1, 0} has no positive weight), at 1 with min_bits=1."""
     torch.manual_seed(0)
-    q = daq_core.FamilyQuantizer(CPQ, "weight", bits=4, learn_bits=True)
+    q = daq_core.FamilyQuantizer(CPQ, "weight", bits=4, learn_bits=True, min_bits=min_bits)
     q(torch.randn(16, 8))
+    assert q.gate_logits.numel() == 4 - floor
     before = cpq.keep_probability(q.gate_logits).detach().clone()
     opt = torch.optim.Adam([q.gate_logits], lr=0.1)
     for _ in range(30):
@@ -147,8 +151,14 @@ def test_gate_probabilities_move_under_the_regularizer():
         opt.step()
     after = cpq.keep_probability(q.gate_logits).detach()
     assert bool((after < before - 0.3).all())
-    assert q.bit_width == 1           # every droppable bit read out as dropped
-    assert q.family.int_range(q) == (-1, 0)
+    assert q.bit_width == floor       # every droppable bit read out as dropped
+    assert q.family.int_range(q) == grid
+    assert float(cpq.expected_bits(4, after)) == pytest.approx(floor + float(cpq.nested_keep(after).sum()))
+
+
+def test_min_bits_is_checked():
+    with pytest.raises(ValueError, match=r"min_bits must be an integer in \[1, bits=4\]"):
+        daq_core.FamilyQuantizer(CPQ, "weight", bits=4, learn_bits=True, min_bits=5)
 
 
 def test_bit_width_read_out_is_nested():
@@ -197,7 +207,7 @@ def test_bad_input_is_refused_clearly():
     with pytest.raises(ValueError, match="drop_rate"):
         daq_core.FamilyQuantizer(CPQ, "weight", bits=4, drop_rate=1.0)
     with pytest.raises(ValueError, match="keep holds"):
-        cpq.cpq_fake_quantize(torch.randn(4), 1.0, 0.5, 4, keep=torch.ones(2))
+        cpq.cpq_fake_quantize(torch.randn(4), 1.0, 0.5, 4, keep=torch.ones(4))   # 3 droppable bits at most
     with pytest.raises(ValueError, match="ch_axis applies to weights only"):
         daq_core.FamilyQuantizer(CPQ, "activation", bits=4, ch_axis=0)
     q = daq_core.FamilyQuantizer(CPQ, "weight", bits=4, learn_bits=True)
@@ -230,7 +240,7 @@ def test_bit_budget_projection_meets_the_target_from_above():
     for q in layers:
         with torch.no_grad():
             q.gate_logits.fill_(-5.0)
-    assert cpq.average_bits(model, "weight") == 1.0
+    assert cpq.average_bits(model, "weight") == 2.0        # weights stop at min_bits = 2
     budget.project(model)
     assert 3.4 - 0.25 <= cpq.average_bits(model, "weight") <= 3.4
 
@@ -284,3 +294,38 @@ def test_learned_gates_drop_bits_at_the_rate_the_read_out_assumes(bits):
     keep_all = float(torch.prod(cpq.keep_probability(q.gate_logits.detach())))
     assert moved == pytest.approx(1.0 - keep_all, abs=0.01)
     assert moved < 0.35                                          # the sampled-gate design: ~0.73 at 8 bits
+
+
+def test_fixed_bit_widths_train_at_the_read_out_without_drops():
+    """fix_bit_widths ends the search: every quantizer keeps its read-out bit-width, the training
+    forward equals the eval forward (no random drops), the gates get no gradient, and fixing again
+    changes nothing."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({
+        "a": daq_core.FamilyQuantizer(CPQ, "activation", bits=8, learn_bits=True),
+        "w": daq_core.FamilyQuantizer(CPQ, "weight", bits=6, learn_bits=True)})
+    model["a"](torch.rand(256) * 4)
+    model["w"](torch.randn(8, 16))
+    with torch.no_grad():   # a gate state mid-search: bits 0-2 below the threshold, bit 3 near it (P = 0.6)
+        model["a"].gate_logits.copy_(torch.tensor([cpq.gate_logits_for(p) for p in (0.1, 0.2, 0.45, 0.6, .9, .95, .99)]))
+        model["w"].gate_logits.copy_(torch.tensor([cpq.gate_logits_for(p) for p in (0.3, 0.7, 0.8, 0.9)]))
+    assert [m.bit_width for m in model.values()] == [5, 5]
+    assert not cpq.bit_widths_fixed(model)
+    x = torch.rand(4096) * 4
+    model.train()
+    with torch.no_grad():
+        before = model["a"](x)
+    assert not torch.equal(before, model["a"].eval()(x))          # searching: bit 3 dropped on ~40% of elements
+    assert cpq.fix_bit_widths(model) == {"a": 5, "w": 5}
+    assert cpq.bit_widths_fixed(model) and [m.bit_width for m in model.values()] == [5, 5]
+    assert cpq.keep_probability(model["a"].gate_logits).tolist() == [0, 0, 0, 1, 1, 1, 1]
+    model.train()
+    xa = x.clone().requires_grad_(True)
+    y = model["a"](xa)
+    assert torch.equal(y.detach(), model["a"].eval()(x).detach())  # training forward == read-out forward
+    model.train()
+    (y.sum() + cpq.bit_regularizer(model, 1.0)).backward()
+    assert not bool(model["a"].gate_logits.grad.abs().gt(0).any())  # nothing left to learn in the gates
+    assert xa.grad is not None and bool(xa.grad.abs().gt(0).any())  # the step and the input still train
+    gates = model["a"].gate_logits.detach().clone()
+    assert cpq.fix_bit_widths(model) == {"a": 5, "w": 5} and torch.equal(model["a"].gate_logits, gates)

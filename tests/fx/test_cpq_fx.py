@@ -84,7 +84,7 @@ def _set_bits(fq, bits):
     """Gate logits that read out as ``bits`` (nested: the lowest ``b_max - bits`` bits dropped)."""
     drop = fq.bits - bits
     with torch.no_grad():
-        fq.gate_logits.copy_(torch.tensor([-6.0 if j < drop else 6.0 for j in range(fq.bits - 1)]))
+        fq.gate_logits.copy_(torch.tensor([-6.0 if j < drop else 6.0 for j in range(fq.gate_logits.numel())]))
 
 
 def test_mixed_bit_widths_convert_each_layer_at_its_learned_bit_width():

@@ -41,6 +41,45 @@ def test_learned_bit_widths_reach_the_target_average_on_resnet20(tiny_data, tmp_
 
 
 @pytest.mark.slow
+def test_bit_search_fraction_fixes_the_bit_widths_and_trains_on(tiny_data, tmp_path):
+    """--bit-search-fraction 0.5: the gates learn for half the QAT steps, then every layer's bit-width is
+    fixed at its read-out (projected onto the targets) and the rest of the steps train at it."""
+    import torch
+
+    from daq_core import cpq
+
+    out = tmp_path / "cpq-search"
+    res = run_recipe("recipes.resnet20_cifar10",
+                     _cpq_args(tiny_data, out, "--framework", "fx", "--bits", "W8A8", "--learn-bits",
+                               "--target-avg-bits", "W4A4", "--bit-regularization", "0.1", "--gate-lr", "0.2",
+                               "--bit-search-fraction", "0.5", "--float-epochs", "0"),
+                     timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["stage"] == "qat"][-1]
+    assert report["bit_search_fraction"] == 0.5
+    assert report["bit_projection"]["fixed_at_step"] == round(0.5 * steps)
+    for role in ("weight", "activation"):
+        assert abs(report["avg_bits"][role] - 4.0) <= 0.25, report["avg_bits"]
+    assert "bit-width search ends" in res.stdout
+    # the fixed gates are in the final checkpoint: P(z > 0) exactly 0 or 1 everywhere
+    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+    gates = [v for k, v in state.items() if k.endswith("gate_logits")]
+    assert len(gates) >= 36 and all(cpq.gates_fixed(g) for g in gates)   # every weight and activation
+    assert report["int_acc"] is not None and report["agreement"] >= 99.0
+
+
+def test_bit_search_fraction_is_checked(capsys, tiny_data, tmp_path):
+    for extra, message in ((["--learn-bits", "--bit-search-fraction", "0"], "must be in (0, 1]"),
+                           (["--bit-search-fraction", "0.5"], "applies to --quantizer cpq --learn-bits only")):
+        rc = resnet20_cifar10.main(base_args(tiny_data, tmp_path / "out", "--quantizer", "cpq", "--bits", "W8A8",
+                                             "--float-epochs", "0", *extra))
+        assert rc != 0
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_brevitas_learned_bit_widths_export_per_layer_qonnx(tiny_data, tmp_path):
     pytest.importorskip("qonnx")
     out = tmp_path / "cpq-brevitas"
@@ -70,6 +109,7 @@ def test_fixed_bit_cpq_fx_runs_and_converts(tiny_data, tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (["--learn-bits", "--target-avg-bits", "9"], r"must lie in [1, 8]"),
     (["--learn-bits", "--target-avg-bits", "W0.5A4"], r"must lie in [1, 8]"),
+    (["--learn-bits", "--target-avg-bits", "W1.5A4"], "learned weight bit-widths stop at 2"),
     (["--learn-bits", "--bit-regularization", "-1"], "--bit-regularization must be a finite number >= 0"),
     (["--learn-bits", "--target-avg-bits", "W6A4", "--bits", "W4A4"], "learned bit-widths only drop bits"),
     (["--target-avg-bits", "4"], "add --learn-bits"),
