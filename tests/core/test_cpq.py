@@ -48,15 +48,28 @@ def test_ste_gradient_equals_autograd_of_expected_grid_value_same_window(bits, s
 
 
 def test_ste_gradient_with_dropped_bits_is_that_of_the_coarser_grid():
-    """With d bits dropped the STE runs over the (b-d)-bit grid of step 2^d α."""
+    """With d bits dropped the STE runs over the (b-d)-bit grid of step 2^d α, noise 2^d σ (σ in steps)."""
     x = _x()
     alpha = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
     sig = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(x.shape, dtype=torch.float64)
     got = torch.autograd.grad(cpq.cpq_fake_quantize(x, alpha, sig, 5, True, drop_bits=2), (x, alpha, sig), grad)
-    ref = torch.autograd.grad(cpq.expected_value(x, 4 * alpha, sig, 3, True), (x, alpha, sig), grad)
+    ref = torch.autograd.grad(cpq.expected_value(x, 4 * alpha, 4 * sig, 3, True), (x, alpha, sig), grad)
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("drop", [0, 2, 5])
+def test_ste_gradient_keeps_its_scale_when_bits_are_dropped(drop):
+    """The input gradient averages 1 between grid points and stays bounded at every drop count: σ scales
+    with the grid in use. (With the fine σ at d = 5 it was a comb of spikes of height 16 at the coarse
+    boundaries and ~0 between them, and learned bit-widths blew the weights up.)"""
+    alpha, sig = torch.tensor(0.01), torch.tensor(0.005)                  # σ = α/2, the default
+    x = ((torch.arange(40_000, dtype=torch.float32) + 0.5) / 40_000 * 60 - 30) * alpha   # inside the 8-bit range
+    x.requires_grad_(True)
+    cpq.cpq_fake_quantize(x, alpha, sig, 8, True, drop_bits=drop).sum().backward()
+    assert float(x.grad.mean()) == pytest.approx(1.0, abs=0.02)
+    assert float(x.grad.max()) < 1.2 and float(x.grad.min()) > 0.8
 
 
 @pytest.mark.parametrize("sigma,tol", [(0.5, 1e-2), (1.0, 0.15)])
