@@ -137,6 +137,10 @@ def build_parser(description: str, defaults: Dict) -> argparse.ArgumentParser:
                    help="cpq: DropBits's probability of dropping each droppable bit while training (0: off; with"
                         " --learn-bits the gates' initial drop probability); default: daq_core.cpq.DEFAULT_DROP_RATE")
     g.add_argument("--gate-lr", type=float, default=1e-2, help="cpq --learn-bits: Adam lr of the bit gates")
+    g.add_argument("--gate-optimizer", default="adam", choices=("adam", "sgd"),
+                   help="cpq --learn-bits: the bit gates' optimizer at --gate-lr. sgd keeps the gradients' sizes, so"
+                        " the size-weighted regularizer and each layer's task sensitivity decide which bits go first;"
+                        " adam moves every gate at about the same rate")
     g.add_argument("--bit-search-fraction", type=float, default=1.0,
                    help="cpq --learn-bits: the fraction of the QAT steps in which the bit gates learn; then every"
                         " layer's bit-width is fixed at its read-out (projected onto the targets) and training goes"
@@ -562,7 +566,10 @@ class Pipeline:
         if qp:
             optimizers.append(torch.optim.Adam(qp, lr=a.quant_lr, weight_decay=0.0))
         if gates:   # CPQ bit gates: their own, faster Adam group (CPQ-SPEC §6)
-            optimizers.append(torch.optim.Adam(gates, lr=a.gate_lr, weight_decay=0.0))
+            if getattr(a, "gate_optimizer", "adam") == "sgd":
+                optimizers.append(torch.optim.SGD(gates, lr=a.gate_lr, momentum=0.0, weight_decay=0.0))
+            else:
+                optimizers.append(torch.optim.Adam(gates, lr=a.gate_lr, weight_decay=0.0))
         spe = self.steps_per_epoch()
         total = max(epochs * spe, 1)
         warm = min(a.warmup_steps if stage == "float" else 0, total - 1)
@@ -946,6 +953,7 @@ def write_report(p: Pipeline) -> Dict:
         "learn_bits": bool(getattr(a, "learn_bits", False)), "bit_regularization": getattr(a, "bit_regularization", 0.0),
         "drop_rate": getattr(a, "drop_rate", None),
         "bit_search_fraction": getattr(a, "bit_search_fraction", 1.0) if getattr(a, "learn_bits", False) else None,
+        "gate_optimizer": getattr(a, "gate_optimizer", "adam") if getattr(a, "learn_bits", False) else None,
         "target_avg_bits": ({"weight": a.target_avg_bits[0], "activation": a.target_avg_bits[1]}
                             if getattr(a, "target_avg_bits", None) else None),
         "layer_bits": r.get("layer_bits"), "avg_bits": r.get("avg_bits"), "bit_projection": r.get("bit_projection"),

@@ -52,13 +52,13 @@ def test_bit_search_fraction_fixes_the_bit_widths_and_trains_on(tiny_data, tmp_p
     res = run_recipe("recipes.resnet20_cifar10",
                      _cpq_args(tiny_data, out, "--framework", "fx", "--bits", "W8A8", "--learn-bits",
                                "--target-avg-bits", "W4A4", "--bit-regularization", "0.1", "--gate-lr", "0.2",
-                               "--bit-search-fraction", "0.5", "--float-epochs", "0"),
+                               "--bit-search-fraction", "0.5", "--float-epochs", "0", "--gate-optimizer", "sgd"),
                      timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["stage"] == "qat"][-1]
-    assert report["bit_search_fraction"] == 0.5
+    assert report["bit_search_fraction"] == 0.5 and report["gate_optimizer"] == "sgd"
     assert report["bit_projection"]["fixed_at_step"] == round(0.5 * steps)
     for role in ("weight", "activation"):
         assert abs(report["avg_bits"][role] - 4.0) <= 0.25, report["avg_bits"]
