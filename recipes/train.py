@@ -444,7 +444,7 @@ class Pipeline:
         if a.batch_size % self.dist.world:
             raise RecipeError(f"--batch-size {a.batch_size} is not divisible by the {self.dist.world} processes")
         frac = getattr(a, "bit_search_fraction", 1.0)
-        if not (isinstance(frac, (int, float)) and 0.0 < frac <= 1.0):
+        if not 0.0 < frac <= 1.0:
             raise RecipeError(f"--bit-search-fraction must be in (0, 1] (the share of the QAT steps in which the bit"
                               f" gates learn), got {frac!r}")
         if frac != 1.0 and not getattr(a, "learn_bits", False):
@@ -601,6 +601,10 @@ class Pipeline:
         search_steps = None
         if budget is not None and getattr(a, "bit_search_fraction", 1.0) < 1.0:
             search_steps = max(1, int(round(a.bit_search_fraction * total)))
+        searching = False           # the gates learn and λ is adjusted (until the bit-widths are fixed)
+        if budget is not None:
+            from daq_core import cpq
+            searching = not cpq.bit_widths_fixed(unwrap(model))
         from tqdm import tqdm
         for epoch in range(start_epoch, epochs):
             seed_everything(epoch_seed(a.seed, stage, epoch, self.dist.rank))
@@ -625,7 +629,6 @@ class Pipeline:
                         t_out = teacher(x)
                     loss = (1 - a.distill_alpha) * loss + a.distill_alpha * kd_loss(out, t_out, a.distill_temp)
                 task_loss = loss
-                searching = budget is not None and not self._bits_fixed(model)
                 if searching:
                     loss = loss + budget.penalty(model).to(loss.device)
                 if not torch.isfinite(loss):
@@ -643,6 +646,7 @@ class Pipeline:
                 step += 1
                 if searching and search_steps is not None and step >= search_steps:
                     self._fix_bit_widths(model, step)
+                    searching = False
                 if os.environ.get("DAQ_RECIPE_SIGINT_AT") == f"{stage}:{step}":  # test hook: Ctrl-C mid-epoch
                     os.kill(os.getpid(), signal.SIGINT)
                 bs = y.numel()
@@ -841,25 +845,26 @@ class Pipeline:
         self.results["int_backend"] = "QONNX (qonnx executor)"
 
     # ---- CPQ learned bit-widths ---------------------------------------------------------------
-    @staticmethod
-    def _bits_fixed(model: nn.Module) -> bool:
+    def _project_bits(self, model: nn.Module, **extra) -> Dict:
+        """:meth:`daq_core.cpq.BitBudget.project` onto the targets, recorded in ``results["bit_projection"]``."""
         from daq_core import cpq
 
-        return cpq.bit_widths_fixed(unwrap(model))
+        before = {role: cpq.average_bits(model, role) for role in ("weight", "activation")}
+        self.results["bit_projection"] = {"flipped": self.budget.project(model), "avg_bits_before": before,
+                                          "lambda": dict(self.budget.strength), **extra}
+        return self.results["bit_projection"]
 
     def _fix_bit_widths(self, qat: nn.Module, step: int):
         """End of the bit-width search (--bit-search-fraction): project onto the targets, fix the gates."""
         from daq_core import cpq
 
         model = unwrap(qat)
-        before = {role: cpq.average_bits(model, role) for role in ("weight", "activation")}
-        flipped = self.budget.project(model)
+        proj = self._project_bits(model, fixed_at_step=step)
         cpq.fix_bit_widths(model)
         after = {role: cpq.average_bits(model, role) for role in ("weight", "activation")}
-        self.results["bit_projection"] = {"flipped": flipped, "avg_bits_before": before,
-                                          "lambda": dict(self.budget.strength), "fixed_at_step": step}
         self.log(f"[qat] step {step}: bit-width search ends (--bit-search-fraction {self.args.bit_search_fraction});"
-                 f" average bits {before} -> {after} ({flipped} flipped); training goes on at these bit-widths")
+                 f" average bits {proj['avg_bits_before']} -> {after} ({proj['flipped']} flipped); training goes on"
+                 f" at these bit-widths")
 
     def _learned_bits(self, qat: nn.Module):
         """Meet the target averages (:meth:`daq_core.cpq.BitBudget.project`), record every layer's bit-widths."""
@@ -867,9 +872,7 @@ class Pipeline:
 
         model = unwrap(qat)
         if self.budget is not None and not cpq.bit_widths_fixed(model):
-            before = {role: cpq.average_bits(model, role) for role in ("weight", "activation")}
-            self.results["bit_projection"] = {"flipped": self.budget.project(model), "avg_bits_before": before,
-                                              "lambda": dict(self.budget.strength)}
+            self._project_bits(model)
         self.results["layer_bits"] = quant_mod.layer_bits(model, self.spec)
         self.results["avg_bits"] = {role: cpq.average_bits(model, role) for role in ("weight", "activation")}
 
